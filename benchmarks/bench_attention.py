@@ -1,0 +1,349 @@
+"""Compare fa_inductor's attention with PyTorch's SDPA backends, FlexAttention and a compiled naive attention.
+
+Usage (from the repository root, with fa_inductor installed, e.g. ``pip install -e .``, or ``PYTHONPATH=.``):
+
+    python benchmarks/bench_attention.py                        # full grid, writes benchmarks/results/
+    python benchmarks/bench_attention.py --head-dims 128 --causal yes --seqlens 1024 4096 --compare
+    python benchmarks/bench_attention.py --device cpu --dtype fp16 --head-dims 64 --seqlens 128 \\
+        --tokens 256 --impls naive_inductor sdpa_efficient --modes fwd --warmup 1 --rep 3   # smoke run
+
+Shapes: q, k, v are (B, H, L, D) with B = max(1, tokens // L) and H = model_dim // D, so every point does
+about the same amount of work. Each (shape, implementation) gives one row per mode:
+  fwd      forward under no_grad
+  bwd      backward only (one forward with grad, then ``out.backward(grad, retain_graph=True)``)
+  fwd_bwd  forward and backward together; ``peak_mib`` is the peak memory above the inputs
+A failing implementation (no kernel for this shape, out of memory, package not importable) gives a row
+with ``error`` set; the run carries on. Results go to ``<out-dir>/<stem>.{json,md,png}``; with
+``--compare`` the fa_inductor/peer TFLOP/s ratios also go to ``<stem>_compare.md`` (they are always
+in the JSON under ``compare``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import itertools
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._functorch.config
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from harness import (
+    PlotSpec,
+    Skipped,
+    attention_flops,
+    collect,
+    free_memory,
+    markdown_table,
+    measure,
+    peak_memory_mib,
+    tflops,
+    time_ms,
+    write_results,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CAUSAL = {"both": (False, True), "yes": (True,), "no": (False,)}
+MODES = ("fwd", "bwd", "fwd_bwd")
+REFERENCE = "fa_inductor"
+# naive_inductor materialises B·H·L·L scores; beyond this many bytes (at 2 bytes each) it is skipped.
+NAIVE_SCORES_LIMIT_BYTES = 8 * 2**30
+TABLE_COLUMNS = (
+    "impl", "dtype", "batch", "heads", "seqlen", "head_dim", "causal", "mode", "ms", "tflops", "peak_mib", "error",
+)  # fmt: skip
+
+Tensor = torch.Tensor
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Shape:
+    dtype: str
+    batch: int
+    heads: int
+    seqlen: int
+    head_dim: int
+    causal: bool
+
+    def flops(self, mode: str) -> float:
+        return attention_flops(self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, self.causal, mode)
+
+    def __str__(self) -> str:
+        causal = "causal" if self.causal else "full"
+        return f"{self.dtype} B={self.batch} H={self.heads} L={self.seqlen} D={self.head_dim} {causal}"
+
+
+SHAPE_KEYS = tuple(f.name for f in fields(Shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# Implementations: each maps (shape, device) to attention(q, k, v), or raises Skipped.
+# Per-shape setup (block masks, size checks) happens here, outside the timed region.
+
+
+def _fa_inductor(shape: Shape, device: str) -> AttentionFn:
+    import fa_inductor  # lazy: the other implementations still run when the package is broken
+
+    return functools.partial(fa_inductor.scaled_dot_product_attention, is_causal=shape.causal)
+
+
+def _sdpa(backend: SDPBackend, shape: Shape, device: str) -> AttentionFn:
+    def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal)
+
+    return attention
+
+
+def _causal_mask_mod(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(shape: Shape, device: str) -> AttentionFn:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    block_mask = None
+    if shape.causal:
+        block_mask = create_block_mask(_causal_mask_mod, None, None, shape.seqlen, shape.seqlen, device=device)
+    flex = _compiled_flex()
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """Attention as model code writes it: explicit scores, additive causal mask, fp32 softmax.
+
+    Compiled, this is stock Inductor's answer to such code; note that Inductor's own ``fuse_attention``
+    pass may rewrite some forms (seen: the non-causal one under no_grad) into SDPA.
+    """
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        lq, lk = scores.shape[-2:]
+        mask = torch.full((lq, lk), float("-inf"), device=q.device, dtype=scores.dtype)
+        scores = scores + torch.triu(mask, diagonal=1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+@functools.cache
+def _compiled_naive() -> Callable[..., Tensor]:
+    return torch.compile(naive_attention, dynamic=False)
+
+
+def _naive_inductor(shape: Shape, device: str) -> AttentionFn:
+    if shape.batch * shape.heads * shape.seqlen**2 * 2 > NAIVE_SCORES_LIMIT_BYTES:
+        raise Skipped("O(L^2) memory")
+    return functools.partial(_compiled_naive(), causal=shape.causal)
+
+
+IMPLS: dict[str, Callable[[Shape, str], AttentionFn]] = {
+    "fa_inductor": _fa_inductor,
+    "sdpa_flash": functools.partial(_sdpa, SDPBackend.FLASH_ATTENTION),
+    "sdpa_cudnn": functools.partial(_sdpa, SDPBackend.CUDNN_ATTENTION),
+    "sdpa_efficient": functools.partial(_sdpa, SDPBackend.EFFICIENT_ATTENTION),
+    "flex": _flex,
+    "naive_inductor": _naive_inductor,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring one implementation on one shape
+
+
+def _inputs(shape: Shape, device: str, requires_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    size = (shape.batch, shape.heads, shape.seqlen, shape.head_dim)
+    dtype = DTYPES[shape.dtype]
+    return tuple(
+        torch.randn(size, device=device).to(dtype).requires_grad_(requires_grad) for _ in range(3)
+    )  # type: ignore[return-value]
+
+
+def _clear_grads(tensors: Sequence[Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _mode_step(attention: AttentionFn, inputs: Sequence[Tensor], mode: str) -> Callable[[], Any]:
+    """The callable to time for ``mode``; grads are reset inside so accumulation never costs extra."""
+    q, k, v = inputs
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return attention(q, k, v)
+
+    elif mode == "bwd":
+        out = attention(q, k, v)
+        grad = torch.randn_like(out)
+
+        def step():
+            _clear_grads(inputs)
+            out.backward(grad, retain_graph=True)
+
+    else:
+        grad = torch.randn_like(q)
+
+        def step():
+            _clear_grads(inputs)
+            attention(q, k, v).backward(grad)
+
+    return step
+
+
+def _run_mode(attention: AttentionFn, inputs: Sequence[Tensor], mode: str, args: argparse.Namespace) -> dict:
+    step = _mode_step(attention, inputs, mode)
+    step()  # compile and autotune outside the timed region
+    timing = time_ms(step, warmup=args.warmup, rep=args.rep, device=args.device)
+    _clear_grads(inputs)
+    return {**timing, "peak_mib": peak_memory_mib(step, device=args.device)}
+
+
+def _row(impl: str, shape: Shape, mode: str, result: dict | None, error: str | None) -> dict[str, Any]:
+    result = result or {}
+    return {
+        "impl": impl,
+        **asdict(shape),
+        "mode": mode,
+        "ms": result.get("ms"),
+        "ms_p20": result.get("ms_p20"),
+        "ms_p80": result.get("ms_p80"),
+        "tflops": tflops(shape.flops(mode), result.get("ms")),
+        "peak_mib": result.get("peak_mib"),
+        "error": error,
+    }
+
+
+def _impl_rows(impl: str, shape: Shape, inputs: Sequence[Tensor], args: argparse.Namespace) -> Iterator[dict]:
+    label = f"{impl} {shape}"
+    attention, error = measure(label, lambda: IMPLS[impl](shape, args.device))
+    for mode in args.modes:
+        if error:
+            yield _row(impl, shape, mode, None, error)
+            continue
+        result, mode_error = measure(f"{label} {mode}", lambda: _run_mode(attention, inputs, mode, args))
+        yield _row(impl, shape, mode, result, mode_error)
+
+
+def _shapes(args: argparse.Namespace) -> Iterator[Shape]:
+    for dtype, head_dim, causal, seqlen in itertools.product(
+        args.dtype, args.head_dims, CAUSAL[args.causal], args.seqlens
+    ):
+        yield Shape(dtype, max(1, args.tokens // seqlen), args.model_dim // head_dim, seqlen, head_dim, causal)
+
+
+def bench_rows(args: argparse.Namespace) -> Iterator[dict]:
+    """One row per (shape, implementation, mode); inputs are shared by the implementations of a shape."""
+    requires_grad = any(mode != "fwd" for mode in args.modes)
+    for shape in _shapes(args):
+        inputs = _inputs(shape, args.device, requires_grad)
+        for impl in args.impls:
+            yield from _impl_rows(impl, shape, inputs, args)
+            free_memory()
+        del inputs
+        free_memory()
+
+
+# --------------------------------------------------------------------------------------------------
+# fa_inductor against its peers
+
+
+def compare_rows(rows: Sequence[dict], reference: str = REFERENCE) -> list[dict]:
+    """Per shape and mode: ``reference`` TFLOP/s divided by each peer's (None where either failed)."""
+    keys = (*SHAPE_KEYS, "mode")
+    throughput: dict[tuple, dict[str, float | None]] = {}
+    for row in rows:
+        throughput.setdefault(tuple(row[k] for k in keys), {})[row["impl"]] = row["tflops"]
+    peers = [impl for impl in dict.fromkeys(row["impl"] for row in rows) if impl != reference]
+    compared = []
+    for key, by_impl in throughput.items():
+        if reference not in by_impl:
+            continue
+        ours = by_impl[reference]
+        ratios = {f"vs_{p}": ours / by_impl[p] if ours and by_impl.get(p) else None for p in peers}
+        compared.append({**dict(zip(keys, key)), **ratios})
+    compared.sort(key=lambda r: (r["dtype"], r["head_dim"], r["causal"], MODES.index(r["mode"]), r["seqlen"]))
+    return compared
+
+
+def _compare_table(compared: Sequence[dict]) -> str:
+    columns = ["dtype", "head_dim", "causal", "mode", "seqlen"]
+    columns += [k for k in compared[0] if k.startswith("vs_")]
+    shown = [{k: f"{v:.2f}x" if isinstance(v, float) else v for k, v in row.items()} for row in compared]
+    return markdown_table(shown, columns)
+
+
+def _write_compare(compared: Sequence[dict], out_dir: Path, stem: str) -> None:
+    if not compared:
+        print(f"--compare: no {REFERENCE} rows to compare", file=sys.stderr)
+        return
+    table = _compare_table(compared)
+    path = out_dir / f"{stem}_compare.md"
+    path.write_text(f"# {REFERENCE} TFLOP/s relative to peers (>1 means {REFERENCE} is faster)\n\n{table}\n")
+    print(f"\n{REFERENCE} TFLOP/s / peer TFLOP/s\n\n{table}\n\nwrote {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["bf16"])
+    p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128, 256])
+    p.add_argument("--causal", choices=list(CAUSAL), default="both")
+    p.add_argument("--seqlens", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per batch; batch = max(1, tokens // seqlen)")
+    p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim // head_dim")
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--warmup", type=int, default=25, help="warm-up time per measurement, ms (do_bench)")
+    p.add_argument("--rep", type=int, default=100, help="timed repetitions per measurement, ms (do_bench)")
+    p.add_argument("--device", default=default_device, help=f"default: {default_device}")
+    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--stem", help="output file stem (default: attention_<UTC timestamp>)")
+    p.add_argument("--compare", action="store_true", help=f"print and write {REFERENCE}/peer TFLOP/s ratios")
+    args = p.parse_args(argv)
+    if any(d <= 0 or args.model_dim // d == 0 for d in args.head_dims):
+        p.error("every head dim must be positive and at most --model-dim")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    args.stem = args.stem or f"attention_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if REFERENCE in args.impls and importlib.util.find_spec(REFERENCE) is None:
+        print(f"warning: {REFERENCE} is not importable; install it or set PYTHONPATH=.", file=sys.stderr)
+    torch.manual_seed(0)
+    # Every shape and grad mode compiles its own graph (dynamic=False), so lift the recompile limits;
+    # bwd mode calls backward with retain_graph=True, which donated buffers forbid.
+    with (
+        torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=4096),
+        torch._functorch.config.patch(donated_buffer=False),
+    ):
+        rows = collect(bench_rows(args))
+    compared = compare_rows(rows)
+    extra = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "compare": compared}
+    title = "Attention: " + ", ".join(args.impls)
+    write_results(rows, args.out_dir, args.stem, title, PlotSpec(), table_columns=TABLE_COLUMNS, extra=extra)
+    if args.compare:
+        _write_compare(compared, args.out_dir, args.stem)
+
+
+if __name__ == "__main__":
+    main()

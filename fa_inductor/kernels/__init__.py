@@ -1,0 +1,1 @@
+"""Computing attention: Triton kernels, host launchers, the registered op and its configs."""

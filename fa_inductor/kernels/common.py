@@ -1,0 +1,79 @@
+"""Host-side helpers shared by the kernel launchers and the registered op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["LOG2E", "launch", "divides", "is_interpreted", "dot_options", "mma", "round_to", "empty_output", "empty_lse"]
+
+LOG2E = math.log2(math.e)
+
+
+def is_interpreted(kernel) -> bool:
+    """True when Triton decorated ``kernel`` for its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - every supported Triton has the interpreter
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch through ``wrap_triton`` so that torch.compile / export see the kernel.  An interpreted kernel
+    (CPU tensors under ``TRITON_INTERPRET=1``, always inside an opaque op) is called directly."""
+    if is_interpreted(kernel):
+        kernel[grid](*args, **kwargs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def divides(block: int, n) -> bool:
+    """Whether ``n`` is a known multiple of ``block``.  A symbolic length (dynamic shapes) answers False
+    without adding a guard, so the masked kernel variant serves every length and nothing recompiles."""
+    return isinstance(n, int) and n % block == 0
+
+
+def dot_options(dtype: torch.dtype, interpreted: bool) -> dict:
+    """The kernels' arithmetic flags.  fp32 products follow torch's TF32 switch for matmuls.
+
+    ``SOFT_BF16`` works around two gaps of the Triton interpreter with bf16, so that CPU tests see the GPU's
+    arithmetic: it multiplies bf16 tiles as raw integers (operands are widened to fp32 first, which is exact:
+    the product of two bf16 values fits fp32, and the GPU accumulates in fp32), and it truncates fp32 -> bf16
+    instead of rounding to nearest even (``round_to`` rounds the fp32 bits first).  Never set on a GPU."""
+    tf32 = dtype == torch.float32 and not interpreted and torch.backends.cuda.matmul.allow_tf32
+    return {"DOT_PRECISION": "tf32" if tf32 else "ieee", "SOFT_BF16": interpreted and dtype == torch.bfloat16}
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b (+ acc)`` with fp32 accumulation."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """fp32 ``x`` to ``dtype`` with round-to-nearest-even (see ``dot_options`` for ``SOFT_BF16``)."""
+    if SOFT_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """[B, H, M, DV] output stored as [B, M, H, DV] in memory, the layout attention outputs are reshaped to
+    next (``out.transpose(1, 2).reshape(B, M, H * DV)`` is then free).  Real and fake paths both use this."""
+    batch, heads, n_queries, _ = query.shape
+    return query.new_empty((batch, n_queries, heads, value.shape[-1])).transpose(1, 2)
+
+
+def empty_lse(query: torch.Tensor) -> torch.Tensor:
+    batch, heads, n_queries, _ = query.shape
+    return query.new_empty((batch, heads, n_queries), dtype=torch.float64 if query.dtype == torch.float64 else torch.float32)

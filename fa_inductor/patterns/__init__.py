@@ -1,0 +1,1 @@
+"""Finding attention in FX graphs (the graph matcher and rewrite live here)."""

@@ -163,7 +163,7 @@ def test_gpu_head_dims(dtype, head_dim, causal):
 
 
 @pytest.mark.parametrize("lengths", [(1, 1), (17, 17), (97, 97), (1025, 1025), (4097, 4097), (1, 4097),
-                                     (1025, 97), (97, 1025), (4097, 1025)])
+                                     (1025, 97), (97, 1025), (4097, 1025)], ids=lambda ls: f"{ls[0]}x{ls[1]}")
 @pytest.mark.parametrize("causal", list(CAUSAL))
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.gpu

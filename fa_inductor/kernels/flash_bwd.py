@@ -117,6 +117,8 @@ def _bwd_kv_kernel(
 ):
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_D
     EVEN_DV: tl.constexpr = BLOCK_DV == HEAD_DV
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     bhk = pid // n_n_blocks
     start_n = (pid % n_n_blocks) * BLOCK_N
@@ -223,6 +225,8 @@ def _bwd_q_kernel(
 ):
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_D
     EVEN_DV: tl.constexpr = BLOCK_DV == HEAD_DV
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     bh = pid // n_m_blocks
     m_block = pid % n_m_blocks

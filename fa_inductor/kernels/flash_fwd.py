@@ -94,6 +94,7 @@ def _flash_fwd_kernel(
     tl.static_assert(BLOCK_DV >= HEAD_DV)
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_D
     EVEN_DV: tl.constexpr = BLOCK_DV == HEAD_DV
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     # One flat grid axis (no 65535 limit): query blocks of one head are adjacent in launch order, so the
     # programs running together share K/V in L2.  Causal: the longest rows (last query blocks) go first.
     pid = tl.program_id(0)

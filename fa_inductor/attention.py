@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["scaled_dot_product_attention", "fallback_reason"]
+__all__ = ["scaled_dot_product_attention", "flash_attention", "fallback_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                f"({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) but query/key have "
                                f"({query.shape[-2]}, {key.shape[-2]})")
         is_causal, bottom_right = True, variant == "bottom_right"
+    return flash_attention(query, key, value, scale, is_causal, bottom_right, enable_gqa)
+
+
+def flash_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float], is_causal: bool,
+                    bottom_right: bool, enable_gqa: bool) -> Tensor:
+    """The op on validated 3-D/4-D inputs that ``fallback_reason`` accepts (also the target of graph rewrites)."""
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     q, k, v, squeeze = _broadcast_heads(query, key, value, enable_gqa)

@@ -1,0 +1,511 @@
+"""The structural attention matcher.
+
+Anchored on each softmax (``torch.softmax``, ``F.softmax``, ``Tensor.softmax``, or ``exp(x - amax) / sum`` by
+hand) and on each ``F.scaled_dot_product_attention`` call, the matcher walks the graph upward to the score
+product and downward to the product with V:
+
+    scores = Q @ K^T            matmul / @ / bmm / einsum / baddbmm(beta=0), any transpose of K
+    scores = scores * c, / c    a Python number, or a 0-d tensor (folded into Q)
+    scores = mask(scores)       causal masks built in the graph (triu/tril of ones, -inf or finfo.min fill)
+    probs  = softmax(scores.float(), -1).to(dtype)
+    probs  = dropout(probs)     only when it is the identity (eval mode or p = 0)
+    out    = probs @ V          K/V head repetition (expand+reshape, repeat_interleave) folded into GQA
+
+It proves the rewrite exact before accepting: softmax over the key axis, every intermediate used only inside
+the pattern, shapes/dtypes/devices the op supports, masks whose meaning is known for every length.  Anything
+else raises ``Miss`` with a reason slug; the graph is then left as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Optional, Union
+
+import torch
+from torch.fx import Node
+
+from ..attention import fallback_reason
+from ..config import Settings
+from .graph import SCALAR_TYPES, arg, is_tensor_node, kind, only_user, static_eq, value
+
+__all__ = ["Miss", "AttentionMatch", "anchors", "match_anchor"]
+
+MATMULS = ("matmul", "bmm", "einsum", "baddbmm")
+
+
+class Miss(Exception):
+    """The subgraph at an anchor is not (provably) an attention the op computes exactly."""
+
+    def __init__(self, reason: str, detail: str = "", form: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail, self.form = reason, detail, form
+
+
+@dataclasses.dataclass
+class AttentionMatch:
+    out: Node                       # the node whose uses are replaced
+    query: Node
+    key: Node                       # [..., N, D] (after un-transposing)
+    key_needs_transpose: bool       # ``key`` is K^T: insert a transpose(-2, -1) view
+    value: Node
+    scale: Optional[float]          # None: 1/sqrt(D)
+    scale_tensors: list             # [(op, 0-d tensor node)] applied to the query, op in {"mul", "div"}
+    is_causal: bool
+    bottom_right: bool
+    enable_gqa: bool
+    form: str
+    family: str
+    nodes: list                     # pattern nodes, removable once unused
+
+
+# --- anchors ----------------------------------------------------------------------------------------------
+
+def _manual_softmax_input(node: Node) -> Optional[tuple[Node, int, list]]:
+    """``exp(x - amax(x, d, keepdim)) / sum(exp(..), d, keepdim)`` -> (x, d, internal nodes), else None."""
+    if kind(node) != "div" or len(node.args) != 2:
+        return None
+    num, den = node.args
+    if kind(num) != "exp" or kind(den) != "sum" or den.args[0] is not num:
+        return None
+    sub = num.args[0]
+    if kind(sub) != "sub" or len(sub.args) != 2:
+        return None
+    x, peak = sub.args
+    peak_nodes = [peak]
+    if kind(peak) == "getitem" and kind(peak.args[0]) == "max" and peak.args[1] == 0:
+        peak_nodes.append(peak.args[0])
+        peak = peak.args[0]
+    if kind(peak) not in ("amax", "max") or peak.args[0] is not x:
+        return None
+    dims = [arg(peak, 1, "dim"), arg(den, 1, "dim")]
+    keep = [arg(peak, 2, "keepdim", False), arg(den, 2, "keepdim", False)]
+    if not all(keep) or any(isinstance(d, (list, tuple)) and len(d) != 1 for d in dims):
+        return None
+    dims = [d[0] if isinstance(d, (list, tuple)) else d for d in dims]
+    ndim = value(x).dim()
+    if dims[0] is None or dims[1] is None or dims[0] % ndim != dims[1] % ndim:
+        return None
+    if set(num.users) != {den, node} or set(x.users) != {sub, peak}:
+        return None
+    return x, dims[0], [node, den, num, sub, *peak_nodes]
+
+
+def anchors(graph) -> list[Node]:
+    """Softmax nodes (library or hand-written) and SDPA calls, in graph order."""
+    found = []
+    for node in graph.nodes:
+        k = kind(node)
+        if k in ("softmax", "sdpa") or (k == "div" and _manual_softmax_input(node) is not None):
+            found.append(node)
+    return found
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+def _scalar(x) -> Optional[Union[float, Node]]:
+    """A Python number, or a node holding a 0-d / one-element tensor; None otherwise."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, SCALAR_TYPES):
+        return float(x)
+    if is_tensor_node(x) and value(x).numel() == 1 and value(x).dim() == 0:
+        return x
+    return None
+
+
+def _float_dtype(node: Node, cast: Node) -> bool:
+    ev = value(cast)
+    return isinstance(ev, torch.Tensor) and ev.is_floating_point()
+
+
+def _unwrap_views(node, allowed=("reshape", "unsqueeze", "expand", "contiguous")) -> Node:
+    """Skip broadcasting-only views of a mask: unsqueeze, None-indexing, expand, reshape to add unit dims."""
+    while True:
+        k = kind(node)
+        if k in allowed:
+            node = node.args[0]
+        elif k == "getitem" and isinstance(node.args[1], tuple) and all(
+                s is None or s == slice(None) or s is Ellipsis for s in node.args[1]):
+            node = node.args[0]
+        elif k == "cast" and value(node) is not None and value(node).dtype == torch.bool:
+            node = node.args[0]
+        else:
+            return node
+
+
+def _ones_of(node, rows, cols) -> bool:
+    """``node`` is an all-ones (or all-True) [rows, cols] tensor built in the graph."""
+    k = kind(node)
+    ev = value(node)
+    if k not in ("ones", "full", "ones_like") or not isinstance(ev, torch.Tensor) or ev.dim() != 2:
+        return False
+    if k == "full" and arg(node, 1, "fill_value") not in (1, 1.0, True):
+        return False
+    return static_eq(ev.shape[0], rows) and static_eq(ev.shape[1], cols)
+
+
+def _triangle(node, rows, cols) -> Optional[tuple[str, int]]:
+    """``triu/tril(ones[rows, cols], diagonal)`` -> ('triu'|'tril', diagonal)."""
+    k = kind(node)
+    if k not in ("triu", "tril") or not _ones_of(_unwrap_views(node.args[0], ("cast",)), rows, cols):
+        return None
+    diagonal = arg(node, 1, "diagonal", 0)
+    return (k, diagonal) if isinstance(diagonal, int) else None
+
+
+def _causal_shift(mask: Node, masked_where_true: bool, scores: Node) -> int:
+    """Keys j allowed for query i are exactly j <= i + shift; returns shift or raises Miss."""
+    rows, cols = value(scores).shape[-2], value(scores).shape[-1]
+    node = _unwrap_views(mask)
+    negate = False
+    while kind(node) in ("logical_not", "invert") or (kind(node) == "eq" and node.args[1] in (0, False)):
+        negate = not negate
+        node = _unwrap_views(node.args[0])
+    tri = _triangle(node, rows, cols)
+    if tri is None:
+        raise Miss("mask_tensor", "the mask is not a triangle of ones built in the graph; tensor masks are not "
+                   "supported by the kernels yet")
+    which, diagonal = tri
+    # True entries of triu(.., d): j >= i + d; of tril(.., d): j <= i + d.
+    true_is_masked = masked_where_true != negate
+    if which == "tril" and not true_is_masked:
+        return diagonal
+    if which == "triu" and true_is_masked:
+        return diagonal - 1
+    raise Miss("mask_tensor", "triangular mask that is not causal")
+
+
+def _fill_is_minus_inf(fill) -> bool:
+    return isinstance(fill, SCALAR_TYPES) and (fill == -math.inf or fill <= -1e38)
+
+
+def _parse_mask(node: Node, scores: Node) -> tuple[Node, int]:
+    """A masking node -> (scores input, causal shift); raises Miss for masks the kernels cannot compute."""
+    k = kind(node)
+    if k == "masked_fill":
+        target, mask, fill = node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
+        if not _fill_is_minus_inf(fill):
+            raise Miss("mask_tensor", f"masked_fill with {fill!r}: only -inf / finfo.min fills are exact")
+        return target, _causal_shift(mask, True, scores)
+    if k == "where":
+        cond, a, b = node.args[:3]
+        if isinstance(a, Node) and not isinstance(b, Node) and _fill_is_minus_inf(b):
+            return a, _causal_shift(cond, False, scores)
+        if isinstance(b, Node) and not isinstance(a, Node) and _fill_is_minus_inf(a):
+            return b, _causal_shift(cond, True, scores)
+        raise Miss("mask_tensor", "torch.where mask with a non -inf fill")
+    # additive: scores + triu(full(-inf), 1)
+    a, b = node.args[:2]
+    mask_node, target = (b, a) if value(a) is not None and value(a).shape == value(node).shape else (a, b)
+    tri = _unwrap_views(mask_node)
+    if kind(tri) == "triu" and kind(tri.args[0]) == "full" and _fill_is_minus_inf(arg(tri.args[0], 1, "fill_value")):
+        ev = value(tri.args[0])
+        rows, cols = value(scores).shape[-2:]
+        if ev.dim() == 2 and static_eq(ev.shape[0], rows) and static_eq(ev.shape[1], cols):
+            diagonal = arg(tri, 1, "diagonal", 0)
+            if isinstance(diagonal, int):
+                return target, diagonal - 1
+    raise Miss("mask_tensor", "additive mask tensor; tensor masks are not supported by the kernels yet")
+
+
+# --- the score product ------------------------------------------------------------------------------------
+
+_EINSUM = re.compile(r"^\s*([\w.]+)\s*,\s*([\w.]+)\s*->\s*([\w.]+)\s*$")
+
+
+def _einsum_split(equation: str):
+    m = _EINSUM.match(equation.replace(" ", ""))
+    if not m:
+        return None
+    tokens = [re.findall(r"\.\.\.|\w", part) for part in m.groups()]
+    return tokens
+
+
+def _score_operands(node: Node) -> tuple[Node, Node, bool, Optional[float]]:
+    """Score product -> (Q, K-or-K^T, is_transposed, alpha)."""
+    k = kind(node)
+    if k in ("matmul", "bmm"):
+        return node.args[0], node.args[1], True, None
+    if k == "baddbmm":
+        beta = arg(node, 3, "beta", 1)
+        if beta != 0:
+            raise Miss("mask_tensor", "baddbmm with beta != 0 adds a bias tensor")
+        alpha = arg(node, 4, "alpha", 1)
+        if not isinstance(alpha, SCALAR_TYPES):
+            raise Miss("scale", "baddbmm alpha is not a number")
+        return node.args[1], node.args[2], True, float(alpha)
+    # einsum
+    operands = node.args[1:] if len(node.args) > 2 else node.args[1]
+    split = _einsum_split(node.args[0]) if isinstance(node.args[0], str) else None
+    if split is None or len(operands) != 2:
+        raise Miss("not_attention", "einsum that is not a two-operand product")
+    a, b, out = split
+    if len(a) < 2 or len(b) < 2 or a[:-2] != b[:-2] or out[:-2] != a[:-2]:
+        raise Miss("not_attention", f"einsum {node.args[0]!r} is not a batched Q K^T")
+    q, d = a[-2], a[-1]
+    if b[-1] == d and b[-2] not in (q, d) and out[-2:] == [q, b[-2]]:
+        return operands[0], operands[1], False, None
+    if b[-2] == d and b[-1] not in (q, d) and out[-2:] == [q, b[-1]]:
+        return operands[0], operands[1], True, None
+    raise Miss("not_attention", f"einsum {node.args[0]!r} is not a batched Q K^T")
+
+
+def _value_product(user: Node, probs: Node) -> Optional[Node]:
+    """If ``user`` computes probs @ V, return V."""
+    k = kind(user)
+    if k in ("matmul", "bmm") and user.args[0] is probs:
+        return user.args[1]
+    if k == "einsum":
+        operands = user.args[1:] if len(user.args) > 2 else user.args[1]
+        split = _einsum_split(user.args[0]) if isinstance(user.args[0], str) else None
+        if split and len(operands) == 2 and operands[0] is probs:
+            a, b, out = split
+            if (len(a) >= 2 and a[:-2] == b[:-2] == out[:-2] and b[-2] == a[-1] and out[-2] == a[-2]
+                    and out[-1] == b[-1] and b[-1] not in a):
+                return operands[1]
+    return None
+
+
+def _untranspose(node: Node) -> Optional[Node]:
+    """``x.transpose(-2, -1)`` (any spelling of swapping the last two dims) -> x."""
+    k = kind(node)
+    ev = value(node)
+    if not isinstance(ev, torch.Tensor):
+        return None
+    nd = ev.dim()
+    if k == "transpose":
+        dims = {arg(node, 1, "dim0") % nd, arg(node, 2, "dim1") % nd}
+        return node.args[0] if dims == {nd - 2, nd - 1} else None
+    if k == "permute":
+        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if list(perm) == list(range(nd - 2)) + [nd - 1, nd - 2]:
+            return node.args[0]
+    return None
+
+
+def _unrepeat(node: Node) -> Optional[tuple[Node, int, str]]:
+    """Head repetition of a [B, HK, L, E] tensor to [B, HK*G, L, E] -> (x, G, spelling), else None."""
+    k = kind(node)
+    if k == "repeat_interleave":
+        repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+        x = node.args[0]
+        if isinstance(repeats, int) and isinstance(dim, int) and value(x).dim() == 4 and dim % 4 == 1:
+            return x, repeats, "gqa_repeat_interleave"
+        return None
+    if k == "reshape":
+        expanded = node.args[0]
+        if kind(expanded) != "expand":
+            return None
+        inner = expanded.args[0]
+        ev, iv = value(expanded), value(inner)
+        if ev is None or iv is None or ev.dim() != 5 or iv.dim() != 5 or iv.shape[2] != 1:
+            return None
+        out = value(node)
+        if out.dim() != 4 or not static_eq(out.shape[1], ev.shape[1] * ev.shape[2]):
+            return None
+        k_inner = kind(inner)
+        if k_inner == "unsqueeze" and arg(inner, 1, "dim") in (2, -3):
+            return inner.args[0], ev.shape[2], "gqa_expand"
+        if k_inner == "getitem" and isinstance(inner.args[1], tuple):
+            idx = inner.args[1]
+            if len(idx) >= 3 and idx[2] is None and all(s == slice(None) for s in idx[:2]) and all(
+                    s == slice(None) or s is Ellipsis for s in idx[3:]):
+                return inner.args[0], ev.shape[2], "gqa_expand"
+    return None
+
+
+def _fold_gqa(key: Node, val: Node, settings: Settings):
+    """Fold K/V head repetition into the op's grouped-query support when both are repeated alike."""
+    if not settings.fold_gqa:
+        return key, val, False, None
+    rk, rv = _unrepeat(key), _unrepeat(val)
+    if rk is None or rv is None or not isinstance(rk[1], int) or rk[1] != rv[1]:
+        return key, val, False, None
+    return rk[0], rv[0], True, rk[2]
+
+
+def _check_operands(q: Node, k: Node, v: Node, kt: bool, enable_gqa: bool, out: Node, settings: Settings):
+    qv, kv, vv = value(q), value(k), value(v)
+    if not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv)):
+        raise Miss("not_attention", "operands are not tensors")
+    if kt:
+        kv = kv.transpose(-2, -1)
+    if not (qv.dim() == kv.dim() == vv.dim() and qv.dim() in (3, 4)):
+        raise Miss("unsupported_rank", f"operands are {qv.dim()}-D, {kv.dim()}-D, {vv.dim()}-D (3-D or 4-D run the kernels)")
+    if not (qv.dtype == kv.dtype == vv.dtype == value(out).dtype):
+        raise Miss("dtype_mismatch", f"query {qv.dtype}, key {kv.dtype}, value {vv.dtype}, output {value(out).dtype}")
+    n_keys = kv.shape[-2]
+    if settings.min_seq_len and isinstance(n_keys, int) and n_keys < settings.min_seq_len:
+        raise Miss("below_min_seq_len", f"{n_keys} keys < min_seq_len {settings.min_seq_len}")
+    reason = fallback_reason(qv, kv, vv)
+    if reason:
+        raise Miss("kernel_unsupported", reason)
+    if enable_gqa and qv.shape[-3] % kv.shape[-3] != 0:
+        raise Miss("not_attention", "query heads are not a multiple of key heads")
+
+
+# --- the walks --------------------------------------------------------------------------------------------
+
+def _single_user(node: Node, what: str) -> Node:
+    user = only_user(node)
+    if user is None:
+        raise Miss("intermediate_reused", f"the {what} are used outside the attention "
+                                          f"({', '.join(sorted(u.name for u in node.users))})")
+    return user
+
+
+def match_anchor(anchor: Node, settings: Settings) -> AttentionMatch:
+    if kind(anchor) == "sdpa":
+        return _match_sdpa(anchor, settings)
+    return _match_softmax(anchor, settings)
+
+
+def _match_softmax(anchor: Node, settings: Settings) -> AttentionMatch:
+    parts: list[str] = []
+    nodes: list[Node] = [anchor]
+    manual = _manual_softmax_input(anchor) if kind(anchor) == "div" else None
+    if manual is not None:
+        x, dim, internal = manual
+        nodes = internal
+        parts.append("manual_softmax")
+    else:
+        x, dim = anchor.args[0], arg(anchor, 1, "dim")
+        if anchor.kwargs.get("dtype") is not None:
+            parts.append("softmax_dtype")
+    if dim is None:
+        raise Miss("softmax_not_over_keys", "softmax without an explicit dim")
+    ndim = value(x).dim()
+    if not isinstance(dim, int) or dim % ndim != ndim - 1:
+        raise Miss("softmax_not_over_keys", f"softmax over dim {dim} of a {ndim}-D tensor, not the last (key) axis")
+
+    # Upward: casts, scales, masks, down to the score product.  (A hand-written softmax reads its input twice;
+    # _manual_softmax_input has checked that those are its only users.)
+    node, scales, scale_tensors, shift, checked = x, [], [], None, manual is not None
+    while True:
+        if not checked and only_user(node) is None:
+            raise Miss("intermediate_reused", f"the scores ({node.name}) are used outside the attention")
+        checked = False
+        k = kind(node)
+        if k == "cast" and _float_dtype(node, node):
+            parts.append("cast_scores")
+            nodes.append(node)
+            node = node.args[0]
+        elif k in ("mul", "div") and len(node.args) == 2:
+            a, b = node.args
+            sa, sb = _scalar(a), _scalar(b)
+            if sb is not None and is_tensor_node(a) and value(a).dim() >= 2:
+                factor, node_next = sb, a
+            elif k == "mul" and sa is not None and is_tensor_node(b) and value(b).dim() >= 2:
+                factor, node_next = sa, b
+            else:
+                raise Miss("not_attention", f"{k} by a tensor that is not a scalar")
+            if shift is not None and not (isinstance(factor, float) and factor > 0):
+                raise Miss("scale", "a scale applied after the mask must be a positive number")
+            if isinstance(factor, float):
+                scales.append(factor if k == "mul" else 1.0 / factor)
+            else:
+                scale_tensors.append((k, factor))
+            parts.append("scale")
+            nodes.append(node)
+            node = node_next
+        elif k in ("masked_fill", "where", "add"):
+            if shift is not None:
+                raise Miss("mask_tensor", "more than one mask")
+            node_next, shift = _parse_mask(node, node)
+            parts.append("causal_mask")
+            nodes.append(node)
+            node = node_next
+        elif k in MATMULS:
+            break
+        else:
+            raise Miss("not_attention", f"the softmax input comes from {k or node.op + ' ' + str(node.target)}, "
+                                        "not a score product")
+    matmul = node
+    if only_user(matmul) is None:
+        raise Miss("intermediate_reused", "the scores are used outside the attention")
+    nodes.append(matmul)
+    family = kind(matmul) if manual is None else "manual_softmax"
+    q, k_node, key_t, alpha = _score_operands(matmul)
+    if alpha is not None:
+        scales.append(alpha)
+    parts.insert(0, kind(matmul))
+
+    # Downward: casts, identity dropout, then the product with V.
+    node = anchor
+    while True:
+        user = _single_user(node, "attention probabilities")
+        k = kind(user)
+        if k == "cast" and _float_dtype(user, user):
+            parts.append("cast_probs")
+        elif k == "dropout":
+            p = arg(user, 1, "p", 0.5)
+            training = user.kwargs.get("training", user.kwargs.get("train", user.args[2] if len(user.args) > 2 else True))
+            if training and p:
+                raise Miss("dropout_training", f"dropout p={p} in training mode: not in the kernels yet")
+            parts.append("dropout_eval")
+        else:
+            v = _value_product(user, node)
+            if v is None:
+                raise Miss("not_attention", f"the probabilities feed {k or user.target}, not a product with V")
+            out = user
+            break
+        nodes.append(user)
+        node = user
+
+    key = _untranspose(k_node) if key_t else k_node
+    key_needs_transpose = key_t and key is None
+    if key is None:
+        key = k_node
+    gqa_key = key if not key_needs_transpose else None
+    enable_gqa = False
+    if gqa_key is not None:
+        key, v, enable_gqa, spelling = _fold_gqa(gqa_key, v, settings)
+        if enable_gqa:
+            parts.append(spelling)
+    _check_operands(q, key, v, key_needs_transpose, enable_gqa, out, settings)
+
+    is_causal, bottom_right = shift is not None, False
+    if shift is not None and shift != 0:
+        rows, cols = value(matmul).shape[-2:]
+        if not (isinstance(rows, int) and isinstance(cols, int) and shift == cols - rows and rows <= cols):
+            raise Miss("mask_tensor", f"causal mask with diagonal offset {shift} (only top-left, or bottom-right "
+                                      "with at most as many queries as keys, are exact)")
+        bottom_right = True
+    scale = math.prod(scales) if scales else 1.0
+    form = "+".join(dict.fromkeys(parts))
+    if family not in settings.forms:
+        raise Miss("form_disabled", f"form family {family!r} is switched off", form)
+    return AttentionMatch(out=out, query=q, key=key, key_needs_transpose=key_needs_transpose, value=v,
+                          scale=scale, scale_tensors=scale_tensors, is_causal=is_causal, bottom_right=bottom_right,
+                          enable_gqa=enable_gqa, form=form, family=family, nodes=nodes + [out])
+
+
+def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
+    q, k, v = (arg(anchor, i, name) for i, name in enumerate(("query", "key", "value")))
+    mask, dropout_p = arg(anchor, 3, "attn_mask"), arg(anchor, 4, "dropout_p", 0.0)
+    is_causal, scale, enable_gqa = (arg(anchor, 5, "is_causal", False), arg(anchor, 6, "scale"),
+                                    arg(anchor, 7, "enable_gqa", False))
+    parts = ["sdpa"]
+    if mask is not None:
+        raise Miss("mask_tensor", "SDPA attn_mask tensors are not supported by the kernels yet", "sdpa")
+    if not isinstance(dropout_p, SCALAR_TYPES) or dropout_p != 0:
+        raise Miss("dropout_training", f"SDPA dropout_p={dropout_p}: not in the kernels yet", "sdpa")
+    if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, SCALAR_TYPES)):
+        raise Miss("scale", "SDPA is_causal/scale are not constants", "sdpa")
+    if is_causal:
+        parts.append("causal")
+    if not enable_gqa:
+        k, v, enable_gqa, spelling = _fold_gqa(k, v, settings)
+        if enable_gqa:
+            parts.append(spelling)
+    else:
+        parts.append("enable_gqa")
+    _check_operands(q, k, v, False, enable_gqa, anchor, settings)
+    form = "+".join(parts)
+    if "sdpa" not in settings.forms:
+        raise Miss("form_disabled", "form family 'sdpa' is switched off", form)
+    return AttentionMatch(out=anchor, query=q, key=k, key_needs_transpose=False, value=v,
+                          scale=None if scale is None else float(scale), scale_tensors=[], is_causal=is_causal,
+                          bottom_right=False, enable_gqa=enable_gqa, form=form, family="sdpa", nodes=[anchor])

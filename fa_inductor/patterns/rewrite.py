@@ -1,0 +1,86 @@
+"""Rewriting matched attention in an FX graph, and recording every decision.
+
+``rewrite_attention(gm, settings)`` visits every anchor (softmax or SDPA call), asks the matcher for a proof of
+exactness, and either replaces the subgraph with one call of ``fa_inductor.attention.flash_attention`` (which
+calls the registered op) or leaves it untouched.  Each decision becomes a ``Site``: counted in
+``torch._dynamo.utils.counters["fa_inductor"]`` ("replaced", "missed:<reason>"), logged on the ``fa_inductor``
+logger, and returned for ``fa_inductor.explain``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+
+from torch.fx import GraphModule
+
+from ..attention import flash_attention
+from ..config import Settings
+from .graph import location
+from .match import AttentionMatch, Miss, anchors, match_anchor
+
+__all__ = ["Site", "rewrite_attention"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One candidate attention site and what was decided for it."""
+
+    location: str
+    form: str
+    replaced: bool
+    reason: str = ""
+    detail: str = ""
+
+
+def _apply(gm: GraphModule, m: AttentionMatch) -> None:
+    graph = gm.graph
+    with graph.inserting_before(m.out):
+        query = m.query
+        for op, tensor in m.scale_tensors:  # (q @ k^T) * t == (q * t) @ k^T for a 0-d tensor t
+            query = graph.call_function(operator.mul if op == "mul" else operator.truediv, (query, tensor))
+        key = graph.call_method("transpose", (m.key, -2, -1)) if m.key_needs_transpose else m.key
+        fused = graph.call_function(flash_attention, (query, key, m.value),
+                                    {"scale": m.scale, "is_causal": m.is_causal, "bottom_right": m.bottom_right,
+                                     "enable_gqa": m.enable_gqa})
+    for name in ("stack_trace", "example_value", "nn_module_stack", "source_fn_stack"):
+        if name in m.out.meta:
+            fused.meta[name] = m.out.meta[name]
+    m.out.replace_all_uses_with(fused)
+    # Remove the replaced subgraph (in reverse order, each node once nothing uses it any more).
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(set(m.nodes), key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def rewrite_attention(gm: GraphModule, settings: Settings, apply: bool = True) -> list[Site]:
+    """Find attention in ``gm``; replace what is provably exact when ``apply`` (and then count and log each
+    decision).  Returns one Site per anchor."""
+    from torch._dynamo.utils import counters
+
+    sites = []
+    for anchor in anchors(gm.graph):
+        where = location(anchor)
+        try:
+            m = match_anchor(anchor, settings)
+        except Miss as miss:
+            site = Site(where, miss.form, False, miss.reason, miss.detail)
+        else:
+            site = Site(where, m.form, True)
+            if apply:
+                _apply(gm, m)
+        sites.append(site)
+        if apply:
+            counters["fa_inductor"]["replaced" if site.replaced else f"missed:{site.reason}"] += 1
+            if site.replaced:
+                log.info("fa_inductor: replaced attention at %s (%s)", where, site.form)
+            else:
+                log.info("fa_inductor: left attention at %s as it was (%s): %s", where, site.reason, site.detail)
+    if apply and any(s.replaced for s in sites):
+        gm.graph.lint()
+        gm.recompile()
+    return sites

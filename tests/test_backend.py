@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import fa_inductor
+from attention_ref import assert_within_budget
 from fa_inductor.config import Settings
 from fa_inductor.patterns.rewrite import rewrite_attention
 
@@ -98,7 +99,7 @@ CASES = [
     Case("einsum_kt_layout", lambda q, k, v: torch.softmax(torch.einsum(
         "bhqd,bhdk->bhqk", q, k.transpose(-2, -1)) * 0.25, -1) @ v, qkv),
     Case("baddbmm_gpt2", lambda q, k, v: torch.bmm(torch.softmax(torch.baddbmm(
-        torch.empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(1, 2), beta=0, alpha=0.25), -1), v),
+        q.new_empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(1, 2), beta=0, alpha=0.25), -1), v),
         lambda: tuple(t[0] for t in qkv())),
     Case("scale_on_query", lambda q, k, v: torch.softmax((q * 0.25) @ k.transpose(-2, -1), -1) @ v, qkv),
     Case("scale_on_key", lambda q, k, v: torch.softmax(q @ (k / 4.0).transpose(-2, -1), -1) @ v, qkv),
@@ -288,6 +289,37 @@ def test_corpus_training(case):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("spelling", ["matmul", "sdpa"])
+def test_autocast_bf16(spelling):
+    def attn(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if spelling == "sdpa":
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v
+
+    q, k, v = qkv()
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(attn, backend=_rewriting_backend(Settings()), fullgraph=True)(q, k, v)
+    expected = attn(q, k, v)
+    assert counters["fa_inductor"]["replaced"] == 1 and out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_graph_breaks_keep_both_sites():
+    def attn(q, k, v):
+        a = torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v
+        torch._dynamo.graph_break()
+        return torch.softmax(a @ k.transpose(-2, -1) * 0.25, -1) @ v
+
+    torch._dynamo.reset()
+    counters.clear()
+    q, k, v = qkv()
+    out = torch.compile(attn, backend=_rewriting_backend(Settings()))(q, k, v)
+    assert counters["fa_inductor"]["replaced"] == 2
+    torch.testing.assert_close(out, attn(q, k, v), atol=1e-4, rtol=1e-4)
+
+
 def test_explain_report():
     report = fa_inductor.explain(lambda q, k, v: (*_with_weights(q, k, v), F.scaled_dot_product_attention(
         q, k, v, is_causal=True)), *qkv())
@@ -296,6 +328,69 @@ def test_explain_report():
     assert "test_backend.py" in text and "intermediate_reused" in text and "sdpa+causal" in text
     kinds = {s.reason for s in report.sites if not s.replaced}
     assert kinds == {"intermediate_reused"}
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("case", [c for c in CASES if c.replaced], ids=lambda c: c.name)
+def test_gpu_corpus_training_bf16(case):
+    """Every replaced spelling on the GPU in bf16, forward and gradients within the fp64-referenced budget of
+    eager bf16 (the graph runs eagerly after the rewrite; Inductor is exercised below)."""
+    import copy
+    with torch.device("cuda"):
+        fn, inputs = _prepare(case)
+        inputs = tuple(t.to("cuda", torch.bfloat16) if t.is_floating_point() else t.cuda() for t in inputs)
+        if isinstance(fn, torch.nn.Module):
+            fn = copy.deepcopy(fn).to("cuda", torch.bfloat16)
+        ref_fn = copy.deepcopy(fn).double() if isinstance(fn, torch.nn.Module) else fn
+        leaves = [t.detach().requires_grad_() for t in inputs if t.is_floating_point()]
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+
+        def call(f, tensors):
+            it = iter(tensors)
+            return _outputs(f(*(next(it) if t.is_floating_point() else t for t in inputs)))[0]
+
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(fn, backend=_rewriting_backend(Settings(**case.settings)), fullgraph=True)
+        out = call(compiled, leaves)
+        assert counters["fa_inductor"]["replaced"] == case.replaced
+        eager_leaves = [t.detach().requires_grad_() for t in leaves]
+        eager = call(fn, eager_leaves)
+        ref = call(ref_fn, ref_leaves)
+        grad = torch.randn_like(out)
+        ours = torch.autograd.grad(out, leaves, grad)
+        theirs = torch.autograd.grad(eager, eager_leaves, grad)
+        refs = torch.autograd.grad(ref, ref_leaves, grad.double())
+        assert_within_budget("out", out, eager, ref, depth=D)
+        for name, a, b, r in zip("abcdef", ours, theirs, refs):
+            assert_within_budget(f"grad {name}", a, b, r, depth=D)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_gpu_inductor_modes_training(mode):
+    torch._dynamo.reset()
+    counters.clear()
+    model = TinyAttention().cuda()
+    x = torch.randn(2, 300, 64, device="cuda")
+    compiled = torch.compile(model, backend="fa_inductor", mode=mode)
+    for _ in range(3):
+        model.zero_grad()
+        loss = compiled(x)
+        loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(x)
+    expected.backward()
+    assert counters["fa_inductor"]["replaced"] >= 1
+    torch.testing.assert_close(loss, expected, atol=1e-3, rtol=1e-3)
+    for a, p in zip(ours, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-3, rtol=1e-3)
 
 
 # --- the Inductor backend itself ---------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class AttentionMatch:
     is_causal: bool
     bottom_right: bool
     enable_gqa: bool
+    cast_to: Optional[torch.dtype]  # autocast: run the op on q/k/v cast to this dtype
     form: str
     family: str
     nodes: list                     # pattern nodes, removable once unused
@@ -326,7 +327,9 @@ def _fold_gqa(key: Node, val: Node, settings: Settings):
     return rk[0], rv[0], True, rk[2]
 
 
-def _check_operands(q: Node, k: Node, v: Node, kt: bool, enable_gqa: bool, out: Node, settings: Settings):
+def _check_operands(q: Node, k: Node, v: Node, kt: bool, enable_gqa: bool, out: Node, settings: Settings,
+                    scores: Optional[Node] = None) -> Optional[torch.dtype]:
+    """Raises Miss unless the op computes this attention; returns the dtype to cast q/k/v to under autocast."""
     qv, kv, vv = value(q), value(k), value(v)
     if not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv)):
         raise Miss("not_attention", "operands are not tensors")
@@ -334,8 +337,15 @@ def _check_operands(q: Node, k: Node, v: Node, kt: bool, enable_gqa: bool, out: 
         kv = kv.transpose(-2, -1)
     if not (qv.dim() == kv.dim() == vv.dim() and qv.dim() in (3, 4)):
         raise Miss("unsupported_rank", f"operands are {qv.dim()}-D, {kv.dim()}-D, {vv.dim()}-D (3-D or 4-D run the kernels)")
-    if not (qv.dtype == kv.dtype == vv.dtype == value(out).dtype):
-        raise Miss("dtype_mismatch", f"query {qv.dtype}, key {kv.dtype}, value {vv.dtype}, output {value(out).dtype}")
+    out_dtype = value(out).dtype
+    cast_to = None
+    if not (qv.dtype == kv.dtype == vv.dtype == out_dtype):
+        # Under autocast both products run in the low-precision dtype on cast operands: so does the op.
+        lowered = scores is not None and value(scores).dtype == out_dtype in (torch.float16, torch.bfloat16)
+        if not (lowered and qv.dtype == kv.dtype == vv.dtype == torch.float32):
+            raise Miss("dtype_mismatch", f"query {qv.dtype}, key {kv.dtype}, value {vv.dtype}, output {out_dtype}")
+        cast_to = out_dtype
+        qv, kv, vv = (t.to(out_dtype) for t in (qv, kv, vv))
     n_keys = kv.shape[-2]
     if settings.min_seq_len and isinstance(n_keys, int) and n_keys < settings.min_seq_len:
         raise Miss("below_min_seq_len", f"{n_keys} keys < min_seq_len {settings.min_seq_len}")
@@ -344,6 +354,7 @@ def _check_operands(q: Node, k: Node, v: Node, kt: bool, enable_gqa: bool, out: 
         raise Miss("kernel_unsupported", reason)
     if enable_gqa and qv.shape[-3] % kv.shape[-3] != 0:
         raise Miss("not_attention", "query heads are not a multiple of key heads")
+    return cast_to
 
 
 # --- the walks --------------------------------------------------------------------------------------------
@@ -464,7 +475,9 @@ def _match_softmax(anchor: Node, settings: Settings) -> AttentionMatch:
         key, v, enable_gqa, spelling = _fold_gqa(gqa_key, v, settings)
         if enable_gqa:
             parts.append(spelling)
-    _check_operands(q, key, v, key_needs_transpose, enable_gqa, out, settings)
+    cast_to = _check_operands(q, key, v, key_needs_transpose, enable_gqa, out, settings, scores=matmul)
+    if cast_to is not None:
+        parts.append("autocast")
 
     is_causal, bottom_right = shift is not None, False
     if shift is not None and shift != 0:
@@ -479,7 +492,7 @@ def _match_softmax(anchor: Node, settings: Settings) -> AttentionMatch:
         raise Miss("form_disabled", f"form family {family!r} is switched off", form)
     return AttentionMatch(out=out, query=q, key=key, key_needs_transpose=key_needs_transpose, value=v,
                           scale=scale, scale_tensors=scale_tensors, is_causal=is_causal, bottom_right=bottom_right,
-                          enable_gqa=enable_gqa, form=form, family=family, nodes=nodes + [out])
+                          enable_gqa=enable_gqa, cast_to=cast_to, form=form, family=family, nodes=nodes + [out])
 
 
 def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
@@ -502,10 +515,13 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
             parts.append(spelling)
     else:
         parts.append("enable_gqa")
-    _check_operands(q, k, v, False, enable_gqa, anchor, settings)
+    cast_to = _check_operands(q, k, v, False, enable_gqa, anchor, settings, scores=anchor)
+    if cast_to is not None:
+        parts.append("autocast")
     form = "+".join(parts)
     if "sdpa" not in settings.forms:
         raise Miss("form_disabled", "form family 'sdpa' is switched off", form)
     return AttentionMatch(out=anchor, query=q, key=k, key_needs_transpose=False, value=v,
                           scale=None if scale is None else float(scale), scale_tensors=[], is_causal=is_causal,
-                          bottom_right=False, enable_gqa=enable_gqa, form=form, family="sdpa", nodes=[anchor])
+                          bottom_right=False, enable_gqa=enable_gqa, cast_to=cast_to, form=form, family="sdpa",
+                          nodes=[anchor])

@@ -43,7 +43,10 @@ def _apply(gm: GraphModule, m: AttentionMatch) -> None:
         for op, tensor in m.scale_tensors:  # (q @ k^T) * t == (q * t) @ k^T for a 0-d tensor t
             query = graph.call_function(operator.mul if op == "mul" else operator.truediv, (query, tensor))
         key = graph.call_method("transpose", (m.key, -2, -1)) if m.key_needs_transpose else m.key
-        fused = graph.call_function(flash_attention, (query, key, m.value),
+        value = m.value
+        if m.cast_to is not None:
+            query, key, value = (graph.call_method("to", (t, m.cast_to)) for t in (query, key, value))
+        fused = graph.call_function(flash_attention, (query, key, value),
                                     {"scale": m.scale, "is_causal": m.is_causal, "bottom_right": m.bottom_right,
                                      "enable_gqa": m.enable_gqa})
     for name in ("stack_trace", "example_value", "nn_module_stack", "source_fn_stack"):

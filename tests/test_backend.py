@@ -126,7 +126,7 @@ CASES = [
     Case("masked_fill_not_tril_finfo_min", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
         ~torch.ones(L, L, dtype=torch.bool).tril()[None, None], torch.finfo(q.dtype).min) * 0.25, -1) @ v, qkv),
     Case("additive_triu_full", lambda q, k, v: torch.softmax(
-        q @ k.transpose(-2, -1) * 0.25 + torch.full((L, L), float("-inf")).triu(1), -1) @ v, qkv),
+        q @ k.transpose(-2, -1) * 0.25 + torch.full((L, L), float("-inf"), dtype=q.dtype).triu(1), -1) @ v, qkv),
     Case("bottom_right_triu", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1) * 0.25).masked_fill(
         torch.ones(5, L, dtype=torch.bool).triu(L - 5 + 1), float("-inf")), -1) @ v, lambda: qkv(lq=5)),
     Case("fused_qkv_causal_module", FusedQKV(), lambda: (rand(B, L, H * D),)),

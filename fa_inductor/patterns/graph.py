@@ -17,6 +17,7 @@ from torch.fx import Node
 __all__ = ["kind", "value", "arg", "only_user", "is_tensor_node", "location", "static_eq", "SCALAR_TYPES"]
 
 SCALAR_TYPES = (int, float)
+_TORCH_DIR = torch.__file__.rsplit("/", 1)[0] + "/"
 
 _FUNCTIONS = {
     operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "bmm", torch.einsum: "einsum",
@@ -44,6 +45,9 @@ _METHODS = {
     "transpose": "transpose", "permute": "permute", "view": "reshape", "reshape": "reshape",
     "contiguous": "contiguous", "expand": "expand", "repeat_interleave": "repeat_interleave",
     "unsqueeze": "unsqueeze",
+    # Under a TorchFunctionMode (e.g. ``with torch.device(...)``) Dynamo records operators as dunder methods.
+    "__matmul__": "matmul", "__mul__": "mul", "__rmul__": "mul", "__add__": "add", "__radd__": "add",
+    "__sub__": "sub", "__eq__": "eq", "__getitem__": "getitem",
 }
 
 
@@ -96,6 +100,8 @@ def location(node: Node) -> str:
     """'file.py:LINE in fn' of the user code that created ``node`` (from Dynamo's stack trace)."""
     trace = node.meta.get("stack_trace") or ""
     frames = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+    user_frames = [f for f in frames if _TORCH_DIR not in f]
+    frames = user_frames or frames
     if not frames:
         return "<unknown>"
     # 'File "/path/model.py", line 12, in forward'

@@ -153,10 +153,22 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 
 def flash_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float], is_causal: bool,
-                    bottom_right: bool, enable_gqa: bool) -> Tensor:
-    """The op on validated 3-D/4-D inputs that ``fallback_reason`` accepts (also the target of graph rewrites)."""
+                    bottom_right: bool, enable_gqa: bool, gqa_tiled: bool = False) -> Tensor:
+    """The op on validated 3-D/4-D inputs that ``fallback_reason`` accepts (also the target of graph rewrites).
+
+    ``gqa_tiled``: query head h reads key/value head ``h % HK`` (K/V repeated with ``Tensor.repeat``) instead of
+    ``h // GROUP``; the query heads are reordered so that the op's grouping applies, and the output put back."""
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
+    group = query.shape[-3] // key.shape[-3] if gqa_tiled else 1
+    if group > 1:
+        query = _swap_head_factors(query, group, key.shape[-3])
     q, k, v, squeeze = _broadcast_heads(query, key, value, enable_gqa)
     out, _ = torch.ops.fa_inductor.flash_attention_forward(q, k, v, float(scale), bool(is_causal), bottom_right)
-    return out.squeeze(0) if squeeze else out
+    out = out.squeeze(0) if squeeze else out
+    return _swap_head_factors(out, key.shape[-3], group) if group > 1 else out
+
+
+def _swap_head_factors(x: Tensor, outer: int, inner: int) -> Tensor:
+    """Heads indexed (outer, inner) -> indexed (inner, outer), along dim -3."""
+    return x.unflatten(-3, (outer, inner)).transpose(-4, -3).flatten(-4, -3)

@@ -141,6 +141,10 @@ CASES = [
     Case("gqa_repeat_interleave", lambda q, k, v: torch.softmax(
         q @ k.repeat_interleave(4, dim=1).transpose(-2, -1) * 0.25, -1) @ v.repeat_interleave(4, dim=1),
         lambda: qkv(kv_heads=1)),
+    Case("gqa_repeat_tiled", lambda q, k, v: torch.softmax(
+        q @ k.repeat(1, 2, 1, 1).transpose(-2, -1) * 0.25, -1) @ v.repeat(1, 2, 1, 1), lambda: qkv(kv_heads=2)),
+    Case("sdpa_repeat_tiled_causal", lambda q, k, v: F.scaled_dot_product_attention(
+        q, k.repeat(1, 4, 1, 1), v.repeat(1, 4, 1, 1), is_causal=True), lambda: qkv(kv_heads=1)),
     Case("mqa_broadcast_expand", lambda q, k, v: torch.softmax(
         q @ k.expand(-1, H, -1, -1).transpose(-2, -1) * 0.25, -1) @ v.expand(-1, H, -1, -1),
         lambda: qkv(kv_heads=1)),
@@ -425,6 +429,46 @@ def test_inductor_backend_training_and_counters():
     torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-4)
     for a, p in zip(ours, model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_backward_saves_no_score_matrix():
+    """The rewrite happens before AOTAutograd: the compiled forward saves no [L, L] tensor for backward."""
+    torch._dynamo.reset()
+    n = 40
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    model = TinyAttention()
+    x = rand(2, n, 64)
+    for backend, expect_scores in ((fa_inductor.backend(), False), ("inductor", True)):
+        torch._dynamo.reset()
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = torch.compile(model, backend=backend)(x)
+        loss.backward()
+        has_scores = any(len(s) >= 2 and s[-2:] == (n, n) for s in saved)
+        assert has_scores == expect_scores, (backend, saved)
+
+
+def test_fx_graph_cache_keeps_the_rewrite():
+    """A second compile served from Inductor's FX graph cache still runs the fa_inductor op."""
+    from torch._inductor import config as inductor_config
+    x = rand(1, 16, 64)
+    model = TinyAttention()
+    results = []
+    with inductor_config.patch(fx_graph_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            with torch.no_grad():
+                results.append(torch.compile(model, backend="fa_inductor")(x))
+            assert counters["fa_inductor"]["replaced"] == 1
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1
+    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(results[1], model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_inductor_backend_dynamic_lengths_no_recompile():

@@ -44,7 +44,7 @@ _METHODS = {
     "type_as": "cast", "bool": "cast",
     "transpose": "transpose", "permute": "permute", "view": "reshape", "reshape": "reshape",
     "contiguous": "contiguous", "expand": "expand", "repeat_interleave": "repeat_interleave",
-    "unsqueeze": "unsqueeze",
+    "unsqueeze": "unsqueeze", "repeat": "repeat",
     # Under a TorchFunctionMode (e.g. ``with torch.device(...)``) Dynamo records operators as dunder methods.
     "__matmul__": "matmul", "__mul__": "mul", "__rmul__": "mul", "__add__": "add", "__radd__": "add",
     "__sub__": "sub", "__eq__": "eq", "__getitem__": "getitem",

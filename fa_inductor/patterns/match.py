@@ -9,7 +9,7 @@ product and downward to the product with V:
     scores = mask(scores)       causal masks built in the graph (triu/tril of ones, -inf or finfo.min fill)
     probs  = softmax(scores.float(), -1).to(dtype)
     probs  = dropout(probs)     only when it is the identity (eval mode or p = 0)
-    out    = probs @ V          K/V head repetition (expand+reshape, repeat_interleave) folded into GQA
+    out    = probs @ V          K/V head repetition (expand+reshape, repeat_interleave, repeat) folded into GQA
 
 It proves the rewrite exact before accepting: softmax over the key axis, every intermediate used only inside
 the pattern, shapes/dtypes/devices the op supports, masks whose meaning is known for every length.  Anything
@@ -55,6 +55,7 @@ class AttentionMatch:
     is_causal: bool
     bottom_right: bool
     enable_gqa: bool
+    gqa_tiled: bool                 # K/V heads repeated with Tensor.repeat (head h reads h % HK)
     cast_to: Optional[torch.dtype]  # autocast: run the op on q/k/v cast to this dtype
     form: str
     family: str
@@ -295,6 +296,13 @@ def _unrepeat(node: Node) -> Optional[tuple[Node, int, str]]:
         if isinstance(repeats, int) and isinstance(dim, int) and value(x).dim() == 4 and dim % 4 == 1:
             return x, repeats, "gqa_repeat_interleave"
         return None
+    if k == "repeat":
+        x = node.args[0]
+        repeats = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if value(x).dim() == 4 and len(repeats) == 4 and tuple(repeats[i] for i in (0, 2, 3)) == (1, 1, 1) \
+                and isinstance(repeats[1], int):
+            return x, repeats[1], "gqa_repeat_tiled"
+        return None
     if k == "reshape":
         expanded = node.args[0]
         if kind(expanded) != "expand":
@@ -324,6 +332,8 @@ def _fold_gqa(key: Node, val: Node, settings: Settings):
     rk, rv = _unrepeat(key), _unrepeat(val)
     if rk is None or rv is None or not isinstance(rk[1], int) or rk[1] != rv[1]:
         return key, val, False, None
+    if (rk[2] == "gqa_repeat_tiled") != (rv[2] == "gqa_repeat_tiled"):
+        return key, val, False, None  # K and V repeated in different head orders
     return rk[0], rv[0], True, rk[2]
 
 
@@ -375,6 +385,15 @@ def match_anchor(anchor: Node, settings: Settings) -> AttentionMatch:
 
 def _match_softmax(anchor: Node, settings: Settings) -> AttentionMatch:
     parts: list[str] = []
+    try:
+        return _walk_softmax(anchor, settings, parts)
+    except Miss as miss:
+        if not miss.form:  # report how far the spelling was recognised
+            miss.form = "+".join(dict.fromkeys(parts)) or "softmax"
+        raise
+
+
+def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMatch:
     nodes: list[Node] = [anchor]
     manual = _manual_softmax_input(anchor) if kind(anchor) == "div" else None
     if manual is not None:
@@ -492,7 +511,8 @@ def _match_softmax(anchor: Node, settings: Settings) -> AttentionMatch:
         raise Miss("form_disabled", f"form family {family!r} is switched off", form)
     return AttentionMatch(out=out, query=q, key=key, key_needs_transpose=key_needs_transpose, value=v,
                           scale=scale, scale_tensors=scale_tensors, is_causal=is_causal, bottom_right=bottom_right,
-                          enable_gqa=enable_gqa, cast_to=cast_to, form=form, family=family, nodes=nodes + [out])
+                          enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts, cast_to=cast_to, form=form,
+                          family=family, nodes=nodes + [out])
 
 
 def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
@@ -523,5 +543,6 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
         raise Miss("form_disabled", "form family 'sdpa' is switched off", form)
     return AttentionMatch(out=anchor, query=q, key=k, key_needs_transpose=False, value=v,
                           scale=None if scale is None else float(scale), scale_tensors=[], is_causal=is_causal,
-                          bottom_right=False, enable_gqa=enable_gqa, cast_to=cast_to, form=form, family="sdpa",
+                          bottom_right=False, enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts,
+                          cast_to=cast_to, form=form, family="sdpa",
                           nodes=[anchor])

@@ -48,7 +48,7 @@ def _apply(gm: GraphModule, m: AttentionMatch) -> None:
             query, key, value = (graph.call_method("to", (t, m.cast_to)) for t in (query, key, value))
         fused = graph.call_function(flash_attention, (query, key, value),
                                     {"scale": m.scale, "is_causal": m.is_causal, "bottom_right": m.bottom_right,
-                                     "enable_gqa": m.enable_gqa})
+                                     "enable_gqa": m.enable_gqa, "gqa_tiled": m.gqa_tiled})
     for name in ("stack_trace", "example_value", "nn_module_stack", "source_fn_stack"):
         if name in m.out.meta:
             fused.meta[name] = m.out.meta[name]

@@ -324,6 +324,15 @@ def test_graph_breaks_keep_both_sites():
     torch.testing.assert_close(out, attn(q, k, v), atol=1e-4, rtol=1e-4)
 
 
+def test_unexpected_graphs_are_left_alone():
+    """A graph without Dynamo's metadata (here: symbolically traced) cannot be analysed: no crash, no rewrite."""
+    gm = torch.fx.symbolic_trace(lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), -1) @ v)
+    sites = rewrite_attention(gm, Settings())
+    assert [s.reason for s in sites] == ["internal_error"]
+    q, k, v = qkv()
+    torch.testing.assert_close(gm(q, k, v), torch.softmax(q @ k.transpose(-2, -1), -1) @ v)
+
+
 def test_explain_report():
     report = fa_inductor.explain(lambda q, k, v: (*_with_weights(q, k, v), F.scaled_dot_product_attention(
         q, k, v, is_causal=True)), *qkv())

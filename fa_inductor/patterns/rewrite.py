@@ -72,6 +72,9 @@ def rewrite_attention(gm: GraphModule, settings: Settings, apply: bool = True) -
             m = match_anchor(anchor, settings)
         except Miss as miss:
             site = Site(where, miss.form, False, miss.reason, miss.detail)
+        except Exception as error:  # noqa: BLE001 - an unexpected graph must never break torch.compile
+            log.warning("fa_inductor: could not analyse the softmax at %s; left as it was", where, exc_info=True)
+            site = Site(where, "", False, "internal_error", f"{type(error).__name__}: {error}")
         else:
             site = Site(where, m.form, True)
             if apply:

@@ -1,0 +1,65 @@
+"""The attention rewrite as an Inductor pre-grad custom pass (what ``FA_INDUCTOR=1`` installs).
+
+Inductor runs ``config.pre_grad_custom_pass`` on the torch-level graph before AOTAutograd, which is where the
+fa_inductor backend rewrites too: the backward graph then runs the FlashAttention-2 backward kernels.  The pass
+has a stable ``uuid()`` (a hash of the matcher's source and the settings), so Inductor's caches stay valid and are
+invalidated when either changes.  ``install()`` / ``uninstall()`` are explicit and reversible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from ..config import Settings
+
+__all__ = ["AttentionPass", "install", "uninstall"]
+
+log = logging.getLogger(__name__)
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+_SOURCES = ("attention.py", "config.py", "patterns/graph.py", "patterns/match.py", "patterns/rewrite.py")
+
+
+class AttentionPass(CustomGraphPass):
+    def __init__(self, settings: Settings, explain: bool = False):
+        self.settings, self.explain = settings, explain
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from ..backend import ExplainReport
+        from ..patterns.rewrite import rewrite_attention
+
+        sites = rewrite_attention(graph.owning_module, self.settings)
+        if self.explain and sites:
+            print(ExplainReport(sites), flush=True)
+
+    def uuid(self) -> str:
+        digest = hashlib.sha256(repr((self.settings, self.explain)).encode())
+        for name in _SOURCES:
+            digest.update((_PACKAGE / name).read_bytes())
+        return digest.hexdigest()
+
+
+def install(explain: bool = False, **settings) -> AttentionPass:
+    """Make every Inductor compilation rewrite attention (``torch.compile(model)`` with the default backend)."""
+    from torch._inductor import config
+
+    current = config.pre_grad_custom_pass
+    if current is not None and not isinstance(current, AttentionPass):
+        raise RuntimeError(f"fa_inductor: Inductor's pre_grad_custom_pass is already set ({current!r}); "
+                           "not replacing it")
+    attention_pass = AttentionPass(Settings.from_env(**settings), explain)
+    config.pre_grad_custom_pass = attention_pass
+    log.info("fa_inductor: attention rewrite installed as Inductor's pre-grad pass")
+    return attention_pass
+
+
+def uninstall() -> None:
+    from torch._inductor import config
+
+    if isinstance(config.pre_grad_custom_pass, AttentionPass):
+        config.pre_grad_custom_pass = None

@@ -130,6 +130,13 @@ CASES = [
     Case("bottom_right_triu", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1) * 0.25).masked_fill(
         torch.ones(5, L, dtype=torch.bool).triu(L - 5 + 1), float("-inf")), -1) @ v, lambda: qkv(lq=5)),
     Case("fused_qkv_causal_module", FusedQKV(), lambda: (rand(B, L, H * D),)),
+    Case("index_comparison_additive_bottom_right", lambda q, k, v: torch.softmax(
+        q @ k.transpose(-2, -1) * 0.25 + _index_mask(q, k)[:, :, :, :k.shape[-2]], -1, dtype=torch.float32)
+        .to(q.dtype) @ v, lambda: qkv(lq=5)),
+    Case("index_comparison_masked_fill_gt", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
+        torch.arange(L)[None, :] > torch.arange(L)[:, None], float("-inf")), -1) @ v, qkv),
+    Case("sdpa_index_comparison_bool_mask", lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.arange(L)[None, None, None, :] <= torch.arange(L)[None, None, :, None]), qkv),
     # --- dropout
     Case("dropout_module_eval", Dropout(), qkv),
     Case("functional_dropout_eval", lambda q, k, v: F.dropout(torch.softmax(
@@ -189,6 +196,13 @@ CASES = [
         torch.ones(L, 5, dtype=torch.bool).triu(5 - L + 1), float("-inf")), -1) @ v, lambda: qkv(lk=5),
         replaced=0, missed="mask_tensor"),
     Case("neg_dropout_training", Dropout(0.1), qkv, replaced=0, missed="dropout_training", training=True),
+    Case("neg_index_comparison_and_padding", lambda q, k, v, pad: F.scaled_dot_product_attention(q, k, v, attn_mask=(
+        torch.arange(L)[None, None, None, :] <= torch.arange(L)[None, None, :, None]) & pad[:, None, None, :]),
+        lambda: (*qkv(), torch.arange(L)[None, :].expand(B, L) >= torch.tensor([[0], [3]])), replaced=0,
+        missed="mask_tensor"),
+    Case("neg_index_comparison_wrong_direction", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
+        torch.arange(L)[None, :] < torch.arange(L)[:, None], float("-inf")), -1) @ v, qkv, replaced=0,
+        missed="mask_tensor"),
     Case("neg_sdpa_mask", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
          lambda: (*qkv(), rand(B, 1, L, L)), replaced=0, missed="mask_tensor"),
     Case("neg_sdpa_dropout", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2), qkv,
@@ -213,6 +227,16 @@ def _manual(s, how):
     peak = s.amax(-1, keepdim=True) if how == "amax" else s.max(-1, keepdim=True)[0]
     e = torch.exp(s - peak)
     return e / e.sum(-1, keepdim=True)
+
+
+def _index_mask(q, k):
+    """The way transformers 5.x builds a causal mask in the graph: index comparisons with a cache offset, then
+    an additive float mask."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    q_idx = (torch.arange(lq) + (lk - lq))[None, None, :, None]
+    kv_idx = torch.arange(lk)[None, None, None, :]
+    keep = (kv_idx <= q_idx).expand(q.shape[0], -1, lq, lk)
+    return torch.where(keep, torch.zeros(()), torch.finfo(q.dtype).min)
 
 
 def _with_weights(q, k, v):

@@ -29,6 +29,7 @@ from torch.fx import Node
 from ..attention import fallback_reason
 from ..config import Settings
 from .graph import SCALAR_TYPES, arg, is_tensor_node, kind, only_user, static_eq, value
+from .masks import comparison
 
 __all__ = ["Miss", "AttentionMatch", "anchors", "match_anchor"]
 
@@ -167,8 +168,14 @@ def _causal_shift(mask: Node, masked_where_true: bool, scores: Node) -> int:
         node = _unwrap_views(node.args[0])
     tri = _triangle(node, rows, cols)
     if tri is None:
-        raise Miss("mask_tensor", "the mask is not a triangle of ones built in the graph; tensor masks are not "
-                   "supported by the kernels yet")
+        lifted = comparison(mask)
+        if lifted is None:
+            raise Miss("mask_tensor", "the mask is not provably causal (a triangle of ones or an index "
+                       "comparison built in the graph); tensor masks are not supported by the kernels yet")
+        shift, true_is_kept = lifted
+        if true_is_kept == masked_where_true:
+            raise Miss("mask_tensor", "index-comparison mask that is not causal")
+        return shift
     which, diagonal = tri
     # True entries of triu(.., d): j >= i + d; of tril(.., d): j <= i + d.
     true_is_masked = masked_where_true != negate
@@ -181,6 +188,52 @@ def _causal_shift(mask: Node, masked_where_true: bool, scores: Node) -> int:
 
 def _fill_is_minus_inf(fill) -> bool:
     return isinstance(fill, SCALAR_TYPES) and (fill == -math.inf or fill <= -1e38)
+
+
+def _is_zero(x) -> bool:
+    if isinstance(x, Node):
+        return x.op == "call_function" and x.target in (torch.zeros, torch.zeros_like)
+    return isinstance(x, SCALAR_TYPES) and x == 0
+
+
+def _additive_comparison(mask: Node):
+    """``where(cond, 0, -inf)`` (or ``where(cond, -inf, 0)``) of a lifted comparison -> causal shift, else None."""
+    node = mask
+    while kind(node) in ("getitem", "expand") and (kind(node) == "expand" or isinstance(node.args[1], tuple)):
+        if kind(node) == "getitem" and not all(i is None or i is Ellipsis or (
+                isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1)) for i in node.args[1]):
+            return None
+        node = node.args[0]
+    if kind(node) != "where" or len(node.args) != 3:
+        return None
+    cond, a, b = node.args
+    if _is_zero(a) and _fill_is_minus_inf(b):
+        keep_where_true = True
+    elif _is_zero(b) and _fill_is_minus_inf(a):
+        keep_where_true = False
+    else:
+        return None
+    lifted = comparison(cond)
+    if lifted is None or lifted[1] != keep_where_true:
+        return None
+    return lifted[0]
+
+
+def _bottom_right(shift, lengths) -> bool:
+    """The alignment of a causal mask ``k <= q + shift`` over [rows, cols] scores, or Miss."""
+    rows, cols = lengths
+    if static_eq(shift, 0):
+        return False
+    # Bottom-right with more queries than keys leaves rows with no key: eager gives NaN there, so only
+    # lengths known to have rows <= cols are exact.
+    if static_eq(shift, cols - rows) and isinstance(rows, int) and isinstance(cols, int) and rows <= cols:
+        return True
+    if static_eq(shift, cols - rows) and not (isinstance(rows, int) and isinstance(cols, int)):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        if statically_known_true(rows <= cols):
+            return True
+    raise Miss("mask_tensor", f"causal mask with diagonal offset {shift} (only top-left, or bottom-right with at "
+                              "most as many queries as keys, are exact)")
 
 
 def _parse_mask(node: Node, scores: Node) -> tuple[Node, int]:
@@ -198,9 +251,12 @@ def _parse_mask(node: Node, scores: Node) -> tuple[Node, int]:
         if isinstance(b, Node) and not isinstance(a, Node) and _fill_is_minus_inf(a):
             return b, _causal_shift(cond, True, scores)
         raise Miss("mask_tensor", "torch.where mask with a non -inf fill")
-    # additive: scores + triu(full(-inf), 1)
+    # additive: scores + triu(full(-inf), 1), or scores + where(causal, 0, finfo.min)
     a, b = node.args[:2]
     mask_node, target = (b, a) if value(a) is not None and value(a).shape == value(node).shape else (a, b)
+    shift = _additive_comparison(mask_node)
+    if shift is not None:
+        return target, shift
     tri = _unwrap_views(mask_node)
     if kind(tri) == "triu" and kind(tri.args[0]) == "full" and _fill_is_minus_inf(arg(tri.args[0], 1, "fill_value")):
         ev = value(tri.args[0])
@@ -498,13 +554,8 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
     if cast_to is not None:
         parts.append("autocast")
 
-    is_causal, bottom_right = shift is not None, False
-    if shift is not None and shift != 0:
-        rows, cols = value(matmul).shape[-2:]
-        if not (isinstance(rows, int) and isinstance(cols, int) and shift == cols - rows and rows <= cols):
-            raise Miss("mask_tensor", f"causal mask with diagonal offset {shift} (only top-left, or bottom-right "
-                                      "with at most as many queries as keys, are exact)")
-        bottom_right = True
+    is_causal = shift is not None
+    bottom_right = is_causal and _bottom_right(shift, value(matmul).shape[-2:])
     scale = math.prod(scales) if scales else 1.0
     form = "+".join(dict.fromkeys(parts))
     if family not in settings.forms:
@@ -515,19 +566,36 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
                           family=family, nodes=nodes + [out])
 
 
+def _sdpa_mask_shift(mask):
+    """SDPA ``attn_mask`` provably causal: a boolean index comparison (True = attend) or its additive form."""
+    if not isinstance(mask, Node):
+        return None
+    if value(mask).dtype == torch.bool:
+        lifted = comparison(mask)
+        return lifted[0] if lifted is not None and lifted[1] else None
+    return _additive_comparison(mask)
+
+
 def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
     q, k, v = (arg(anchor, i, name) for i, name in enumerate(("query", "key", "value")))
     mask, dropout_p = arg(anchor, 3, "attn_mask"), arg(anchor, 4, "dropout_p", 0.0)
     is_causal, scale, enable_gqa = (arg(anchor, 5, "is_causal", False), arg(anchor, 6, "scale"),
                                     arg(anchor, 7, "enable_gqa", False))
     parts = ["sdpa"]
+    bottom_right = False
     if mask is not None:
-        raise Miss("mask_tensor", "SDPA attn_mask tensors are not supported by the kernels yet", "sdpa")
+        shift = _sdpa_mask_shift(mask)
+        if shift is None or is_causal:
+            raise Miss("mask_tensor", "SDPA attn_mask tensors are not supported by the kernels yet", "sdpa")
+        qv, kv = value(q), value(k)
+        bottom_right = _bottom_right(shift, (qv.shape[-2], kv.shape[-2]))
+        is_causal = True
+        parts.append("causal_mask")
     if not isinstance(dropout_p, SCALAR_TYPES) or dropout_p != 0:
         raise Miss("dropout_training", f"SDPA dropout_p={dropout_p}: not in the kernels yet", "sdpa")
     if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, SCALAR_TYPES)):
         raise Miss("scale", "SDPA is_causal/scale are not constants", "sdpa")
-    if is_causal:
+    if is_causal and "causal_mask" not in parts:
         parts.append("causal")
     if not enable_gqa:
         k, v, enable_gqa, spelling = _fold_gqa(k, v, settings)
@@ -543,6 +611,6 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
         raise Miss("form_disabled", "form family 'sdpa' is switched off", form)
     return AttentionMatch(out=anchor, query=q, key=k, key_needs_transpose=False, value=v,
                           scale=None if scale is None else float(scale), scale_tensors=[], is_causal=is_causal,
-                          bottom_right=False, enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts,
+                          bottom_right=bottom_right, enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts,
                           cast_to=cast_to, form=form, family="sdpa",
                           nodes=[anchor])

@@ -71,3 +71,42 @@ def test_padding_mask_is_a_recorded_miss(impl):
     attention_mask[0, :5] = 0
     report = fa_inductor.explain(model, ids, attention_mask=attention_mask)
     assert report.replaced == 0 and {s.reason for s in report.sites} == {"mask_tensor"}
+
+
+@pytest.fixture
+def registered():
+    from fa_inductor.integrations import transformers as fa_hf
+    fa_hf.register()
+    yield
+    fa_hf.unregister()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attn_implementation_fa_inductor(registered, padded, caplog):
+    reference = tiny("llama", "sdpa")
+    ours = tiny("llama", "sdpa")
+    ours.load_state_dict(reference.state_dict())
+    ours.set_attn_implementation("fa_inductor")
+    ids = torch.randint(0, 128, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    if padded:
+        mask[0, :5] = 0
+    with torch.no_grad(), caplog.at_level("INFO", logger="fa_inductor"):
+        expected = reference(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    fell_back = any("using torch SDPA" in r.getMessage() for r in caplog.records)
+    assert fell_back == padded  # causal-only: the op with its causal flag; padding: torch's SDPA until masks land
+    with torch.no_grad():
+        compiled = torch.compile(ours, backend=_rewriting_backend)(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled[keep], expected[keep], atol=1e-4, rtol=1e-4)
+
+
+def test_unregister_removes_the_name(registered):
+    from transformers import AttentionInterface
+    from fa_inductor.integrations import transformers as fa_hf
+    assert "fa_inductor" in AttentionInterface._global_mapping
+    fa_hf.unregister()
+    assert "fa_inductor" not in AttentionInterface._global_mapping
+    fa_hf.register()

@@ -104,6 +104,7 @@ CASES = [
     Case("scale_on_query", lambda q, k, v: torch.softmax((q * 0.25) @ k.transpose(-2, -1), -1) @ v, qkv),
     Case("scale_on_key", lambda q, k, v: torch.softmax(q @ (k / 4.0).transpose(-2, -1), -1) @ v, qkv),
     Case("scale_left_operand", lambda q, k, v: torch.softmax(0.25 * (q @ k.transpose(-2, -1)), -1) @ v, qkv),
+    Case("inplace_scale", lambda q, k, v: _inplace_scaled(q, k) @ v, qkv),
     Case("no_scale", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), -1) @ v, qkv),
     Case("learned_temperature", ScaleParam(), qkv),
     Case("contiguous_kt", lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2).contiguous() * 0.2, -1) @ v, qkv),
@@ -221,6 +222,12 @@ CASES = [
     Case("neg_5d_operands", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), -1) @ v,
          lambda: tuple(t[None] for t in qkv()), replaced=0, missed="unsupported_rank"),
 ]
+
+
+def _inplace_scaled(q, k):
+    scores = q @ k.transpose(-2, -1)
+    scores /= math.sqrt(D)
+    return torch.softmax(scores, dim=-1)
 
 
 def _manual(s, how):

@@ -62,6 +62,35 @@ def test_decoder_attention_replaced(family, impl):
         torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
 
 
+def _more_models():
+    small = dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
+                 vocab_size=128)
+    return {
+        "gpt2": lambda impl: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=64, n_layer=LAYERS, n_head=4, vocab_size=128, attn_implementation=impl)),
+        "opt": lambda impl: transformers.OPTForCausalLM(transformers.OPTConfig(
+            ffn_dim=128, word_embed_proj_dim=64, attn_implementation=impl, **small)),
+        "bert": lambda impl: transformers.BertModel(transformers.BertConfig(attn_implementation=impl, **small)),
+        "falcon_mqa": lambda impl: transformers.FalconForCausalLM(transformers.FalconConfig(
+            new_decoder_architecture=False, multi_query=True, attn_implementation=impl, **small)),
+    }
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", list(_more_models()))
+def test_more_architectures(family, impl):
+    torch.manual_seed(0)
+    model = _more_models()[family](impl).eval()
+    ids = torch.randint(0, 128, (2, 24))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        ours = torch.compile(model, backend=_rewriting_backend)(ids)[0]
+        expected = model(ids)[0]
+    assert counters["fa_inductor"]["replaced"] == LAYERS, dict(counters["fa_inductor"])
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_padding_mask_is_a_recorded_miss(impl):
     """Padding masks need the kernels' mask support; until then they are left alone, with the reason."""

@@ -26,6 +26,8 @@ _FUNCTIONS = {
     torch.sum: "sum",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
     operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+    # in-place spellings (``scores /= math.sqrt(d)``) on intermediates compute the same values
+    operator.imul: "mul", operator.itruediv: "div", operator.iadd: "add",
     operator.getitem: "getitem", operator.invert: "invert",
     torch.where: "where", torch.masked_fill: "masked_fill", torch.triu: "triu", torch.tril: "tril",
     torch.ones: "ones", torch.full: "full", torch.ones_like: "ones_like", operator.eq: "eq", torch.eq: "eq",

@@ -188,6 +188,8 @@ CASES = [
     Case("neg_bool_mask_input", lambda q, k, v, m: torch.softmax(
         (q @ k.transpose(-2, -1)).masked_fill(m, float("-inf")), -1) @ v,
         lambda: (*qkv(), torch.rand(B, 1, L, L) > 0.9), replaced=0, missed="mask_tensor"),
+    Case("neg_negative_scale_after_mask", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
+        causal_bool(L), float("-inf")) * -0.5, -1) @ v, qkv, replaced=0, missed="scale"),
     Case("neg_fill_not_minus_inf", lambda q, k, v: torch.softmax(
         (q @ k.transpose(-2, -1)).masked_fill(causal_bool(L), -1e4), -1) @ v, qkv, replaced=0, missed="mask_tensor"),
     Case("neg_anti_causal", lambda q, k, v: torch.softmax(torch.where(

@@ -108,12 +108,15 @@ def anchors(graph) -> list[Node]:
 # --- helpers ----------------------------------------------------------------------------------------------
 
 def _scalar(x) -> Optional[Union[float, Node]]:
-    """A Python number, or a node holding a 0-d / one-element tensor; None otherwise."""
+    """A Python number, or a node holding a 0-d tensor or a symbolic float (Dynamo passes float attributes such
+    as a module's ``scaling`` as SymFloat inputs); None otherwise."""
     if isinstance(x, bool):
         return None
     if isinstance(x, SCALAR_TYPES):
         return float(x)
-    if is_tensor_node(x) and value(x).numel() == 1 and value(x).dim() == 0:
+    if is_tensor_node(x) and value(x).dim() == 0:
+        return x
+    if isinstance(x, Node) and isinstance(value(x), (torch.SymFloat, torch.SymInt)):
         return x
     return None
 
@@ -487,8 +490,6 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
                 factor, node_next = sa, b
             else:
                 raise Miss("not_attention", f"{k} by a tensor that is not a scalar")
-            if shift is not None and not (isinstance(factor, float) and factor > 0):
-                raise Miss("scale", "a scale applied after the mask must be a positive number")
             if isinstance(factor, float):
                 scales.append(factor if k == "mul" else 1.0 / factor)
             else:
@@ -499,6 +500,9 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
         elif k in ("masked_fill", "where", "add"):
             if shift is not None:
                 raise Miss("mask_tensor", "more than one mask")
+            # Scales met so far were applied after this mask: -inf * c must stay -inf.
+            if scale_tensors or any(c <= 0 for c in scales):
+                raise Miss("scale", "a scale applied after the mask must be a positive number")
             node_next, shift = _parse_mask(node, node)
             parts.append("causal_mask")
             nodes.append(node)
@@ -593,8 +597,12 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
         parts.append("causal_mask")
     if not isinstance(dropout_p, SCALAR_TYPES) or dropout_p != 0:
         raise Miss("dropout_training", f"SDPA dropout_p={dropout_p}: not in the kernels yet", "sdpa")
+    scale_tensors = []
+    if isinstance(scale, Node) and isinstance(value(scale), torch.SymFloat):
+        scale_tensors, scale = [("mul", scale)], 1.0  # a symbolic float scale is folded into the query
+        parts.append("symbolic_scale")
     if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, SCALAR_TYPES)):
-        raise Miss("scale", "SDPA is_causal/scale are not constants", "sdpa")
+        raise Miss("dynamic_argument", "SDPA is_causal/scale depend on dynamic shapes (not constants)", "sdpa")
     if is_causal and "causal_mask" not in parts:
         parts.append("causal")
     if not enable_gqa:
@@ -610,7 +618,8 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
     if "sdpa" not in settings.forms:
         raise Miss("form_disabled", "form family 'sdpa' is switched off", form)
     return AttentionMatch(out=anchor, query=q, key=k, key_needs_transpose=False, value=v,
-                          scale=None if scale is None else float(scale), scale_tensors=[], is_causal=is_causal,
+                          scale=None if scale is None else float(scale), scale_tensors=scale_tensors,
+                          is_causal=is_causal,
                           bottom_right=bottom_right, enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts,
                           cast_to=cast_to, form=form, family="sdpa",
                           nodes=[anchor])

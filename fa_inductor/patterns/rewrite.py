@@ -40,7 +40,7 @@ def _apply(gm: GraphModule, m: AttentionMatch) -> None:
     graph = gm.graph
     with graph.inserting_before(m.out):
         query = m.query
-        for op, tensor in m.scale_tensors:  # (q @ k^T) * t == (q * t) @ k^T for a 0-d tensor t
+        for op, tensor in m.scale_tensors:  # (q @ k^T) * t == (q * t) @ k^T for a 0-d tensor or symbolic t
             query = graph.call_function(operator.mul if op == "mul" else operator.truediv, (query, tensor))
         key = graph.call_method("transpose", (m.key, -2, -1)) if m.key_needs_transpose else m.key
         value = m.value

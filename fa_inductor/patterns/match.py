@@ -121,8 +121,9 @@ def _scalar(x) -> Optional[Union[float, Node]]:
     return None
 
 
-def _float_dtype(node: Node, cast: Node) -> bool:
-    ev = value(cast)
+def _floating(node: Node) -> bool:
+    """``node`` yields a floating-point tensor (a cast that keeps values numeric, not a cast to bool/int)."""
+    ev = value(node)
     return isinstance(ev, torch.Tensor) and ev.is_floating_point()
 
 
@@ -477,7 +478,7 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
             raise Miss("intermediate_reused", f"the scores ({node.name}) are used outside the attention")
         checked = False
         k = kind(node)
-        if k == "cast" and _float_dtype(node, node):
+        if k == "cast" and _floating(node):
             parts.append("cast_scores")
             nodes.append(node)
             node = node.args[0]
@@ -527,7 +528,7 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
     while True:
         user = _single_user(node, "attention probabilities")
         k = kind(user)
-        if k == "cast" and _float_dtype(user, user):
+        if k == "cast" and _floating(user):
             parts.append("cast_probs")
         elif k == "dropout":
             p = arg(user, 1, "p", 0.5)

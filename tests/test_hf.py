@@ -63,16 +63,33 @@ def test_decoder_attention_replaced(family, impl):
 
 
 def _more_models():
+    """name -> (model factory taking the attn_implementation, example inputs)."""
     small = dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
                  vocab_size=128)
+    t = transformers
+
+    def ids():
+        return (torch.randint(3, 128, (2, 24)),)
+
+    def causal_lm(config_cls, model_cls, **extra):
+        return lambda impl: model_cls(config_cls(attn_implementation=impl, **{**small, **extra}))
+
     return {
-        "gpt2": lambda impl: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_embd=64, n_layer=LAYERS, n_head=4, vocab_size=128, attn_implementation=impl)),
-        "opt": lambda impl: transformers.OPTForCausalLM(transformers.OPTConfig(
-            ffn_dim=128, word_embed_proj_dim=64, attn_implementation=impl, **small)),
-        "bert": lambda impl: transformers.BertModel(transformers.BertConfig(attn_implementation=impl, **small)),
-        "falcon_mqa": lambda impl: transformers.FalconForCausalLM(transformers.FalconConfig(
-            new_decoder_architecture=False, multi_query=True, attn_implementation=impl, **small)),
+        "gpt2": (lambda impl: t.GPT2LMHeadModel(t.GPT2Config(n_embd=64, n_layer=LAYERS, n_head=4, vocab_size=128,
+                                                             attn_implementation=impl)), ids),
+        "opt": (causal_lm(t.OPTConfig, t.OPTForCausalLM, ffn_dim=128, word_embed_proj_dim=64), ids),
+        "bert": (causal_lm(t.BertConfig, t.BertModel), ids),
+        "roberta": (causal_lm(t.RobertaConfig, t.RobertaModel, pad_token_id=1), ids),
+        "falcon_mqa": (causal_lm(t.FalconConfig, t.FalconForCausalLM, new_decoder_architecture=False,
+                                 multi_query=True), ids),
+        "gpt_neox": (causal_lm(t.GPTNeoXConfig, t.GPTNeoXForCausalLM), ids),
+        "phi3": (causal_lm(t.Phi3Config, t.Phi3ForCausalLM, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2), ids),
+        "gemma": (causal_lm(t.GemmaConfig, t.GemmaForCausalLM, num_key_value_heads=1, head_dim=16), ids),
+        "qwen3": (causal_lm(t.Qwen3Config, t.Qwen3ForCausalLM, num_key_value_heads=2, head_dim=16), ids),
+        "vit": (lambda impl: t.ViTModel(t.ViTConfig(image_size=32, patch_size=8, attn_implementation=impl,
+                                                     **{k: v for k, v in small.items() if k != "vocab_size"})),
+                lambda: (torch.randn(2, 3, 32, 32),)),
     }
 
 
@@ -80,13 +97,14 @@ def _more_models():
 @pytest.mark.parametrize("family", list(_more_models()))
 def test_more_architectures(family, impl):
     torch.manual_seed(0)
-    model = _more_models()[family](impl).eval()
-    ids = torch.randint(0, 128, (2, 24))
+    factory, inputs = _more_models()[family]
+    model = factory(impl).eval()
+    args = inputs()
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad():
-        ours = torch.compile(model, backend=_rewriting_backend)(ids)[0]
-        expected = model(ids)[0]
+        ours = torch.compile(model, backend=_rewriting_backend)(*args)[0]
+        expected = model(*args)[0]
     assert counters["fa_inductor"]["replaced"] == LAYERS, dict(counters["fa_inductor"])
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 

@@ -203,6 +203,12 @@ CASES = [
         torch.arange(L)[None, None, None, :] <= torch.arange(L)[None, None, :, None]) & pad[:, None, None, :]),
         lambda: (*qkv(), torch.arange(L)[None, :].expand(B, L) >= torch.tensor([[0], [3]])), replaced=0,
         missed="mask_tensor"),
+    Case("neg_index_comparison_broadcast_row", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
+        torch.arange(L)[None, :] > torch.arange(1)[:, None], float("-inf")), -1) @ v, qkv, replaced=0,
+        missed="mask_tensor"),
+    Case("neg_index_comparison_expanded_row", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) + torch.where(
+        (torch.arange(L)[None, :] <= torch.arange(1)[:, None]).expand(L, L), torch.zeros(()), float("-inf")),
+        -1) @ v, qkv, replaced=0, missed="mask_tensor"),
     Case("neg_index_comparison_wrong_direction", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
         torch.arange(L)[None, :] < torch.arange(L)[:, None], float("-inf")), -1) @ v, qkv, replaced=0,
         missed="mask_tensor"),

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from .graph import value
+from .graph import static_eq, value
 
 __all__ = ["comparison"]
 
@@ -146,7 +146,13 @@ def _evaluate(node, depth: int = 0) -> _Abstract:
         position = n_in + inner.dim
         return _Index(position + (at <= position) - (n_in + 1), inner.offset)
     if op == "expand":
-        return _evaluate(node.args[0], depth + 1)
+        inner = _evaluate(node.args[0], depth + 1)
+        # Broadcasting a size-1 index dimension would repeat one index value: not an index tensor any more.
+        dims = (inner.dim,) if isinstance(inner, _Index) else (-2, -1)
+        before, after = value(node.args[0]).shape, ev.shape
+        if inner is None or any(not static_eq(before[d], after[d]) for d in dims):
+            return None
+        return inner
     if op == "to":
         return _evaluate(node.args[0], depth + 1) if ev.dtype == torch.bool else None
     if op in ("le", "lt", "ge", "gt") and len(node.args) == 2:
@@ -166,8 +172,15 @@ def _evaluate(node, depth: int = 0) -> _Abstract:
     return None
 
 
-def comparison(mask: Node) -> Optional[tuple]:
+def comparison(mask: Node, lengths) -> Optional[tuple]:
     """(shift, keep) if ``mask`` is provably True exactly where key <= query + shift (keep) or exactly where
-    key > query + shift (not keep); None otherwise."""
+    key > query + shift (not keep) over scores whose last two dims are ``lengths`` = (queries, keys); None
+    otherwise.  The mask must have exactly those two sizes: a size-1 dimension would be broadcast, repeating
+    one index value instead of enumerating the queries or keys."""
     result = _evaluate(mask)
-    return (result.shift, result.keep) if isinstance(result, _KeyLeQuery) else None
+    if not isinstance(result, _KeyLeQuery):
+        return None
+    shape = value(mask).shape
+    if len(shape) < 2 or not (static_eq(shape[-2], lengths[0]) and static_eq(shape[-1], lengths[1])):
+        return None
+    return result.shift, result.keep

@@ -172,7 +172,7 @@ def _causal_shift(mask: Node, masked_where_true: bool, scores: Node) -> int:
         node = _unwrap_views(node.args[0])
     tri = _triangle(node, rows, cols)
     if tri is None:
-        lifted = comparison(mask)
+        lifted = comparison(mask, (rows, cols))
         if lifted is None:
             raise Miss("mask_tensor", "the mask is not provably causal (a triangle of ones or an index "
                        "comparison built in the graph); tensor masks are not supported by the kernels yet")
@@ -200,13 +200,20 @@ def _is_zero(x) -> bool:
     return isinstance(x, SCALAR_TYPES) and x == 0
 
 
-def _additive_comparison(mask: Node):
-    """``where(cond, 0, -inf)`` (or ``where(cond, -inf, 0)``) of a lifted comparison -> causal shift, else None."""
+def _additive_comparison(mask: Node, lengths):
+    """``where(cond, 0, -inf)`` (or ``where(cond, -inf, 0)``) of a lifted comparison -> causal shift, else None.
+    ``lengths``: the scores' (queries, keys); the added mask must have exactly those two sizes."""
+    shape = value(mask).shape if isinstance(mask, Node) and value(mask) is not None else ()
+    if len(shape) < 2 or not (static_eq(shape[-2], lengths[0]) and static_eq(shape[-1], lengths[1])):
+        return None
     node = mask
     while kind(node) in ("getitem", "expand") and (kind(node) == "expand" or isinstance(node.args[1], tuple)):
         if kind(node) == "getitem" and not all(i is None or i is Ellipsis or (
                 isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1)) for i in node.args[1]):
             return None
+        before, after = value(node.args[0]).shape, value(node).shape
+        if kind(node) == "expand" and not all(static_eq(before[d], after[d]) for d in (-2, -1)):
+            return None  # broadcasting a query or key dimension
         node = node.args[0]
     if kind(node) != "where" or len(node.args) != 3:
         return None
@@ -217,7 +224,7 @@ def _additive_comparison(mask: Node):
         keep_where_true = False
     else:
         return None
-    lifted = comparison(cond)
+    lifted = comparison(cond, tuple(value(cond).shape[-2:]))
     if lifted is None or lifted[1] != keep_where_true:
         return None
     return lifted[0]
@@ -258,7 +265,7 @@ def _parse_mask(node: Node, scores: Node) -> tuple[Node, int]:
     # additive: scores + triu(full(-inf), 1), or scores + where(causal, 0, finfo.min)
     a, b = node.args[:2]
     mask_node, target = (b, a) if value(a) is not None and value(a).shape == value(node).shape else (a, b)
-    shift = _additive_comparison(mask_node)
+    shift = _additive_comparison(mask_node, tuple(value(scores).shape[-2:]))
     if shift is not None:
         return target, shift
     tri = _unwrap_views(mask_node)
@@ -571,14 +578,14 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
                           family=family, nodes=nodes + [out])
 
 
-def _sdpa_mask_shift(mask):
+def _sdpa_mask_shift(mask, lengths):
     """SDPA ``attn_mask`` provably causal: a boolean index comparison (True = attend) or its additive form."""
     if not isinstance(mask, Node):
         return None
     if value(mask).dtype == torch.bool:
-        lifted = comparison(mask)
+        lifted = comparison(mask, lengths)
         return lifted[0] if lifted is not None and lifted[1] else None
-    return _additive_comparison(mask)
+    return _additive_comparison(mask, lengths)
 
 
 def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
@@ -589,11 +596,11 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
     parts = ["sdpa"]
     bottom_right = False
     if mask is not None:
-        shift = _sdpa_mask_shift(mask)
+        lengths = (value(q).shape[-2], value(k).shape[-2])
+        shift = _sdpa_mask_shift(mask, lengths)
         if shift is None or is_causal:
             raise Miss("mask_tensor", "SDPA attn_mask tensors are not supported by the kernels yet", "sdpa")
-        qv, kv = value(q), value(k)
-        bottom_right = _bottom_right(shift, (qv.shape[-2], kv.shape[-2]))
+        bottom_right = _bottom_right(shift, lengths)
         is_causal = True
         parts.append("causal_mask")
     if not isinstance(dropout_p, SCALAR_TYPES) or dropout_p != 0:

@@ -20,7 +20,7 @@ from torch.fx import Node
 
 from .graph import static_eq, value
 
-__all__ = ["comparison"]
+__all__ = ["comparison", "is_prefix"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ def _scalar(x):
     return x if _int_like(x) else None
 
 
-def _prefix(i) -> bool:
+def is_prefix(i) -> bool:
     """An index entry that keeps a dimension and the index values along it: ``:``, ``:n``, ``0:n``."""
     return isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1)
 
@@ -91,16 +91,16 @@ def _prefix(i) -> bool:
 def _reindex(index: tuple, ndim: int, dim: int) -> Optional[int]:
     """Where dimension ``dim`` (negative) of an ``ndim``-D tensor lands, counted from the end, after
     ``x[index]`` with entries None, Ellipsis and prefix slices; None for any other indexing."""
-    if not all(i is None or i is Ellipsis or _prefix(i) for i in index):
+    if not all(i is None or i is Ellipsis or is_prefix(i) for i in index):
         return None
-    explicit = sum(_prefix(i) for i in index)
+    explicit = sum(is_prefix(i) for i in index)
     expanded: list = []
     for i in index:
         expanded.extend([slice(None)] * (ndim - explicit) if i is Ellipsis else [i])
-    expanded.extend([slice(None)] * (ndim - sum(_prefix(i) for i in expanded)))
+    expanded.extend([slice(None)] * (ndim - sum(is_prefix(i) for i in expanded)))
     source, target = 0, None
     for position, i in enumerate(expanded):
-        if _prefix(i):
+        if is_prefix(i):
             if source == dim % ndim:
                 target = position
             source += 1

@@ -29,7 +29,7 @@ from torch.fx import Node
 from ..attention import fallback_reason
 from ..config import Settings
 from .graph import SCALAR_TYPES, arg, is_tensor_node, kind, only_user, static_eq, value
-from .masks import comparison
+from .masks import comparison, is_prefix
 
 __all__ = ["Miss", "AttentionMatch", "anchors", "match_anchor"]
 
@@ -208,8 +208,7 @@ def _additive_comparison(mask: Node, lengths):
         return None
     node = mask
     while kind(node) in ("getitem", "expand") and (kind(node) == "expand" or isinstance(node.args[1], tuple)):
-        if kind(node) == "getitem" and not all(i is None or i is Ellipsis or (
-                isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1)) for i in node.args[1]):
+        if kind(node) == "getitem" and not all(i is None or i is Ellipsis or is_prefix(i) for i in node.args[1]):
             return None
         before, after = value(node.args[0]).shape, value(node).shape
         if kind(node) == "expand" and not all(static_eq(before[d], after[d]) for d in (-2, -1)):
@@ -237,12 +236,9 @@ def _bottom_right(shift, lengths) -> bool:
         return False
     # Bottom-right with more queries than keys leaves rows with no key: eager gives NaN there, so only
     # lengths known to have rows <= cols are exact.
-    if static_eq(shift, cols - rows) and isinstance(rows, int) and isinstance(cols, int) and rows <= cols:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    if static_eq(shift, cols - rows) and statically_known_true(rows <= cols):
         return True
-    if static_eq(shift, cols - rows) and not (isinstance(rows, int) and isinstance(cols, int)):
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-        if statically_known_true(rows <= cols):
-            return True
     raise Miss("mask_tensor", f"causal mask with diagonal offset {shift} (only top-left, or bottom-right with at "
                               "most as many queries as keys, are exact)")
 

@@ -16,6 +16,9 @@ A failing implementation (no kernel for this shape, out of memory, package not i
 with ``error`` set; the run carries on. Results go to ``<out-dir>/<stem>.{json,md,png}``; with
 ``--compare`` the fa_inductor/peer TFLOP/s ratios also go to ``<stem>_compare.md`` (they are always
 in the JSON under ``compare``).
+
+``bench_masks.py`` builds on this script's pieces (inputs, timed steps, SDPA/Flex callers, comparisons,
+command-line options) for causal, sliding-window, key-padding and block-sparse attention.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import importlib.util
 import itertools
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,15 +99,21 @@ def _fa_inductor(shape: Shape, device: str) -> AttentionFn:
     return functools.partial(fa_inductor.scaled_dot_product_attention, is_causal=shape.causal)
 
 
-def _sdpa(backend: SDPBackend, shape: Shape, device: str) -> AttentionFn:
+def sdpa_attention(backend: SDPBackend, **kwargs: Any) -> AttentionFn:
+    """torch's SDPA restricted to ``backend``, called with ``kwargs`` (``is_causal``, ``attn_mask``)."""
+
     def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal)
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
     return attention
 
 
-def _causal_mask_mod(b, h, q_idx, kv_idx):
+def _sdpa(backend: SDPBackend, shape: Shape, device: str) -> AttentionFn:
+    return sdpa_attention(backend, is_causal=shape.causal)
+
+
+def causal_mask_mod(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
@@ -114,14 +124,20 @@ def _compiled_flex() -> Callable[..., Tensor]:
     return torch.compile(flex_attention, dynamic=False)
 
 
+def flex_attention_with(block_mask: Any) -> AttentionFn:
+    """Compiled FlexAttention with a prebuilt ``BlockMask`` (None: no mask); the mask is built by the caller,
+    outside the timed region."""
+    flex = _compiled_flex()
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+
+
 def _flex(shape: Shape, device: str) -> AttentionFn:
     from torch.nn.attention.flex_attention import create_block_mask
 
     block_mask = None
     if shape.causal:
-        block_mask = create_block_mask(_causal_mask_mod, None, None, shape.seqlen, shape.seqlen, device=device)
-    flex = _compiled_flex()
-    return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+        block_mask = create_block_mask(causal_mask_mod, None, None, shape.seqlen, shape.seqlen, device=device)
+    return flex_attention_with(block_mask)
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
@@ -163,7 +179,8 @@ IMPLS: dict[str, Callable[[Shape, str], AttentionFn]] = {
 # Measuring one implementation on one shape
 
 
-def _inputs(shape: Shape, device: str, requires_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def make_inputs(shape: Shape, device: str, requires_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Random q, k, v of (B, H, L, D) for ``shape`` (its ``causal`` flag plays no part)."""
     size = (shape.batch, shape.heads, shape.seqlen, shape.head_dim)
     dtype = DTYPES[shape.dtype]
     return tuple(
@@ -203,7 +220,8 @@ def _mode_step(attention: AttentionFn, inputs: Sequence[Tensor], mode: str) -> C
     return step
 
 
-def _run_mode(attention: AttentionFn, inputs: Sequence[Tensor], mode: str, args: argparse.Namespace) -> dict:
+def run_mode(attention: AttentionFn, inputs: Sequence[Tensor], mode: str, args: argparse.Namespace) -> dict:
+    """Time ``attention`` in ``mode`` (after one untimed call) and measure its peak memory."""
     step = _mode_step(attention, inputs, mode)
     step()  # compile and autotune outside the timed region
     timing = time_ms(step, warmup=args.warmup, rep=args.rep, device=args.device)
@@ -226,15 +244,24 @@ def _row(impl: str, shape: Shape, mode: str, result: dict | None, error: str | N
     }
 
 
-def _impl_rows(impl: str, shape: Shape, inputs: Sequence[Tensor], args: argparse.Namespace) -> Iterator[dict]:
-    label = f"{impl} {shape}"
-    attention, error = measure(label, lambda: IMPLS[impl](shape, args.device))
+def measure_modes(
+    label: str, build: Callable[[], AttentionFn], inputs: Sequence[Tensor], args: argparse.Namespace
+) -> Iterator[tuple[str, dict | None, str | None]]:
+    """``(mode, result, error)`` for each of ``args.modes``: ``build`` makes the attention callable once (its
+    failure or ``Skipped`` becomes every mode's error), then each mode is timed by ``run_mode``."""
+    attention, error = measure(label, build)
     for mode in args.modes:
         if error:
-            yield _row(impl, shape, mode, None, error)
+            yield mode, None, error
             continue
-        result, mode_error = measure(f"{label} {mode}", lambda: _run_mode(attention, inputs, mode, args))
-        yield _row(impl, shape, mode, result, mode_error)
+        result, mode_error = measure(f"{label} {mode}", lambda: run_mode(attention, inputs, mode, args))
+        yield mode, result, mode_error
+
+
+def _impl_rows(impl: str, shape: Shape, inputs: Sequence[Tensor], args: argparse.Namespace) -> Iterator[dict]:
+    build = functools.partial(IMPLS[impl], shape, args.device)
+    for mode, result, error in measure_modes(f"{impl} {shape}", build, inputs, args):
+        yield _row(impl, shape, mode, result, error)
 
 
 def _shapes(args: argparse.Namespace) -> Iterator[Shape]:
@@ -248,7 +275,7 @@ def bench_rows(args: argparse.Namespace) -> Iterator[dict]:
     """One row per (shape, implementation, mode); inputs are shared by the implementations of a shape."""
     requires_grad = any(mode != "fwd" for mode in args.modes)
     for shape in _shapes(args):
-        inputs = _inputs(shape, args.device, requires_grad)
+        inputs = make_inputs(shape, args.device, requires_grad)
         for impl in args.impls:
             yield from _impl_rows(impl, shape, inputs, args)
             free_memory()
@@ -260,9 +287,18 @@ def bench_rows(args: argparse.Namespace) -> Iterator[dict]:
 # fa_inductor against its peers
 
 
-def compare_rows(rows: Sequence[dict], reference: str = REFERENCE) -> list[dict]:
-    """Per shape and mode: ``reference`` TFLOP/s divided by each peer's (None where either failed)."""
-    keys = (*SHAPE_KEYS, "mode")
+COMPARE_KEYS = (*SHAPE_KEYS, "mode")
+COMPARE_ORDER = ("dtype", "head_dim", "causal", "mode", "seqlen")
+
+
+def compare_rows(
+    rows: Sequence[dict],
+    reference: str = REFERENCE,
+    keys: Sequence[str] = COMPARE_KEYS,
+    order: Sequence[str] = COMPARE_ORDER,
+) -> list[dict]:
+    """Per case (the values of ``keys``): ``reference`` TFLOP/s divided by each peer's (None where either
+    failed), sorted by the ``order`` keys (``mode`` in ``MODES`` order), otherwise in order of appearance."""
     throughput: dict[tuple, dict[str, float | None]] = {}
     for row in rows:
         throughput.setdefault(tuple(row[k] for k in keys), {})[row["impl"]] = row["tflops"]
@@ -274,22 +310,22 @@ def compare_rows(rows: Sequence[dict], reference: str = REFERENCE) -> list[dict]
         ours = by_impl[reference]
         ratios = {f"vs_{p}": ours / by_impl[p] if ours and by_impl.get(p) else None for p in peers}
         compared.append({**dict(zip(keys, key)), **ratios})
-    compared.sort(key=lambda r: (r["dtype"], r["head_dim"], r["causal"], MODES.index(r["mode"]), r["seqlen"]))
+    compared.sort(key=lambda r: tuple(MODES.index(r[k]) if k == "mode" else r[k] for k in order))
     return compared
 
 
-def _compare_table(compared: Sequence[dict]) -> str:
-    columns = ["dtype", "head_dim", "causal", "mode", "seqlen"]
-    columns += [k for k in compared[0] if k.startswith("vs_")]
+def _compare_table(compared: Sequence[dict], columns: Sequence[str]) -> str:
+    columns = [*columns, *(k for k in compared[0] if k.startswith("vs_"))]
     shown = [{k: f"{v:.2f}x" if isinstance(v, float) else v for k, v in row.items()} for row in compared]
     return markdown_table(shown, columns)
 
 
-def _write_compare(compared: Sequence[dict], out_dir: Path, stem: str) -> None:
+def write_compare(compared: Sequence[dict], out_dir: Path, stem: str, columns: Sequence[str] = COMPARE_ORDER) -> None:
+    """Print the ``compare_rows`` table (``columns``, then the ratios) and write ``<stem>_compare.md``."""
     if not compared:
         print(f"--compare: no {REFERENCE} rows to compare", file=sys.stderr)
         return
-    table = _compare_table(compared)
+    table = _compare_table(compared, columns)
     path = out_dir / f"{stem}_compare.md"
     path.write_text(f"# {REFERENCE} TFLOP/s relative to peers (>1 means {REFERENCE} is faster)\n\n{table}\n")
     print(f"\n{REFERENCE} TFLOP/s / peer TFLOP/s\n\n{table}\n\nwrote {path}")
@@ -299,50 +335,83 @@ def _write_compare(compared: Sequence[dict], out_dir: Path, stem: str) -> None:
 # Command line
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def add_common_arguments(
+    p: argparse.ArgumentParser, impls: Sequence[str], *, head_dims: Sequence[int], seqlens: Sequence[int]
+) -> None:
+    """The options every attention benchmark shares: shapes, implementations, modes, timing, output."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["bf16"])
-    p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128, 256])
-    p.add_argument("--causal", choices=list(CAUSAL), default="both")
-    p.add_argument("--seqlens", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--head-dims", nargs="+", type=int, default=list(head_dims))
+    p.add_argument("--seqlens", nargs="+", type=int, default=list(seqlens))
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch; batch = max(1, tokens // seqlen)")
     p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim // head_dim")
-    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    p.add_argument("--impls", nargs="+", choices=list(impls), default=list(impls))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--warmup", type=int, default=25, help="warm-up time per measurement, ms (do_bench)")
     p.add_argument("--rep", type=int, default=100, help="timed repetitions per measurement, ms (do_bench)")
     p.add_argument("--device", default=default_device, help=f"default: {default_device}")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--stem", help="output file stem (default: attention_<UTC timestamp>)")
-    p.add_argument("--compare", action="store_true", help=f"print and write {REFERENCE}/peer TFLOP/s ratios")
-    args = p.parse_args(argv)
+    p.add_argument("--stem", help="output file stem (default: <benchmark>_<UTC timestamp>)")
+
+
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace, stem_prefix: str) -> None:
+    """Reject impossible shapes or devices (``p.error`` exits) and fill in the default ``--stem``."""
     if any(d <= 0 or args.model_dim // d == 0 for d in args.head_dims):
         p.error("every head dim must be positive and at most --model-dim")
+    if any(length <= 0 for length in args.seqlens):
+        p.error("every sequence length must be positive")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda requested but CUDA is not available")
-    args.stem = args.stem or f"attention_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    args.stem = args.stem or f"{stem_prefix}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def warn_if_missing(impls: Sequence[str]) -> None:
+    """Say so up front when fa_inductor rows are asked for but the package cannot be imported."""
+    if any(impl.startswith(REFERENCE) for impl in impls) and importlib.util.find_spec(REFERENCE) is None:
+        print(f"warning: {REFERENCE} is not importable; install it or set PYTHONPATH=.", file=sys.stderr)
+
+
+@contextmanager
+def benchmark_context():
+    """Seeded, with torch settings for benchmarking many shapes in one process.
+
+    Every shape and grad mode compiles its own graph (dynamic=False), so the recompile limits are lifted;
+    bwd mode calls backward with retain_graph=True, which donated buffers forbid.
+    """
+    torch.manual_seed(0)
+    with (
+        torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=4096),
+        torch._functorch.config.patch(donated_buffer=False),
+    ):
+        yield
+
+
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line arguments as JSON-ready values."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p, list(IMPLS), head_dims=(64, 128, 256), seqlens=(512, 1024, 2048, 4096, 8192, 16384))
+    p.add_argument("--causal", choices=list(CAUSAL), default="both")
+    p.add_argument("--compare", action="store_true", help=f"print and write {REFERENCE}/peer TFLOP/s ratios")
+    args = p.parse_args(argv)
+    check_common_args(p, args, "attention")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if REFERENCE in args.impls and importlib.util.find_spec(REFERENCE) is None:
-        print(f"warning: {REFERENCE} is not importable; install it or set PYTHONPATH=.", file=sys.stderr)
-    torch.manual_seed(0)
-    # Every shape and grad mode compiles its own graph (dynamic=False), so lift the recompile limits;
-    # bwd mode calls backward with retain_graph=True, which donated buffers forbid.
-    with (
-        torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=4096),
-        torch._functorch.config.patch(donated_buffer=False),
-    ):
+    warn_if_missing(args.impls)
+    with benchmark_context():
         rows = collect(bench_rows(args))
     compared = compare_rows(rows)
-    extra = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "compare": compared}
+    extra = {"args": args_record(args), "compare": compared}
     title = "Attention: " + ", ".join(args.impls)
     write_results(rows, args.out_dir, args.stem, title, PlotSpec(), table_columns=TABLE_COLUMNS, extra=extra)
     if args.compare:
-        _write_compare(compared, args.out_dir, args.stem)
+        write_compare(compared, args.out_dir, args.stem)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ Conventions:
   * Times come from ``triton.testing.do_bench`` quantiles (median, p20, p80) on CUDA; on CPU a plain
     ``time.perf_counter`` loop stands in so that smoke runs work without a GPU.
   * FLOPs follow the FlashAttention papers: 4·B·H·Lq·Lk·D for the forward pass, halved when causal,
-    x2.5 for the backward pass and x3.5 for forward plus backward.
+    x2.5 for the backward pass and x3.5 for forward plus backward; other masks count the (query, key)
+    pairs they keep (``attention_flops_from_pairs``).
   * A failing case (out of memory, no kernel for this backend, compile error) becomes a row with an
     ``error`` string instead of ending the run; ``Skipped`` marks cases deliberately not run.
   * Each run writes ``<stem>.json`` (environment + rows), ``<stem>.md`` (a table) and ``<stem>.png``.
@@ -43,6 +44,7 @@ __all__ = [
     "PlotSpec",
     "Skipped",
     "attention_flops",
+    "attention_flops_from_pairs",
     "collect",
     "environment",
     "free_memory",
@@ -103,10 +105,18 @@ def environment() -> dict[str, Any]:
 
 def attention_flops(batch: int, heads: int, lq: int, lk: int, d: int, causal: bool, mode: str) -> float:
     """FLOPs of one attention call: 4·B·H·Lq·Lk·D forward (x0.5 causal), x2.5 bwd, x3.5 fwd_bwd."""
+    return attention_flops_from_pairs(batch * heads * lq * lk * (0.5 if causal else 1.0), d, mode)
+
+
+def attention_flops_from_pairs(pairs: float, d: int, mode: str) -> float:
+    """FLOPs of attention that computes ``pairs`` (query, key) scores, summed over batch and heads.
+
+    4·pairs·D forward (a QK^T and a PV product, 2 FLOPs per multiply-add), x2.5 bwd, x3.5 fwd_bwd. Masked
+    attention counts only the pairs its mask keeps, so its TFLOP/s measures useful work.
+    """
     if mode not in MODE_FLOP_FACTOR:
         raise ValueError(f"mode must be one of {sorted(MODE_FLOP_FACTOR)}, got {mode!r}")
-    forward = 4.0 * batch * heads * lq * lk * d * (0.5 if causal else 1.0)
-    return forward * MODE_FLOP_FACTOR[mode]
+    return 4.0 * pairs * d * MODE_FLOP_FACTOR[mode]
 
 
 def tflops(flops: float, ms: float | None) -> float | None:

@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["scaled_dot_product_attention", "flash_attention", "fallback_reason"]
+from .kernels.masking import SPARSE_BLOCK
+from .kernels.rng import new_rng_state
+
+__all__ = ["scaled_dot_product_attention", "block_sparse_attention", "flash_attention", "fallback_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +81,16 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
 
 def fallback_reason(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: float = 0.0) -> str:
     """Why the op cannot compute this call exactly ('' when it can).  Arguments must be valid."""
-    if attn_mask is not None and _causal_bias_variant(attn_mask) is None:
-        return "attn_mask tensors are not supported by the kernels yet"
-    if dropout_p > 0.0:
-        return "dropout_p > 0 is not supported by the kernels yet"
+    if (isinstance(attn_mask, Tensor) and _causal_bias_variant(attn_mask) is None
+            and not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point())):
+        return f"attn_mask of dtype {attn_mask.dtype} (the kernels take bool or floating-point masks)"
     if not (query.dim() == key.dim() == value.dim() and query.dim() in (3, 4)):
         return f"inputs must all be 3-D or 4-D, got {query.dim()}-D, {key.dim()}-D, {value.dim()}-D"
-    devices = {query.device, key.device, value.device}
+    mask_tensor = isinstance(attn_mask, Tensor) and _causal_bias_variant(attn_mask) is None
+    tensors = [query, key, value] + ([attn_mask] if mask_tensor else [])
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
-        return "query, key and value are on different devices: " + ", ".join(sorted(map(str, devices)))
+        return "query, key, value and attn_mask are on different devices: " + ", ".join(sorted(map(str, devices)))
     device = query.device
     if device.type == "cuda":
         if query.dtype not in _CUDA_DTYPES:
@@ -120,53 +124,188 @@ def _broadcast_heads(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
     return query, key, value, squeeze
 
 
+def _validate_extensions(query: Tensor, window_size, key_lengths, query_lengths, softcap, bottom_right) -> None:
+    """Checks of the keyword-only arguments that torch's SDPA does not have."""
+    if window_size is not None:
+        if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+                or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+            raise TypeError(f"scaled_dot_product_attention: window_size must be a pair of ints (left, right), "
+                            f"-1 for unbounded, got {window_size!r}")
+    for name, lengths in (("key_lengths", key_lengths), ("query_lengths", query_lengths)):
+        if lengths is None:
+            continue
+        if not isinstance(lengths, Tensor) or lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise TypeError(f"scaled_dot_product_attention: {name} must be an integer tensor of shape (batch,)")
+        if query.dim() != 4 or lengths.shape != (query.shape[0],):
+            raise RuntimeError(f"scaled_dot_product_attention: {name} must have shape (batch,) = "
+                               f"({query.shape[0] if query.dim() == 4 else '?'},) for 4-D inputs, got "
+                               f"{tuple(lengths.shape)} with {query.dim()}-D query")
+        if lengths.device != query.device:
+            raise RuntimeError(f"scaled_dot_product_attention: {name} must be on {query.device}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or softcap < 0):
+        raise ValueError(f"scaled_dot_product_attention: softcap must be a number >= 0 or None, got {softcap!r}")
+    if not isinstance(bottom_right, bool):
+        raise TypeError(f"scaled_dot_product_attention: bottom_right must be a bool, got {bottom_right!r}")
+
+
+def _validate_mask(query: Tensor, key: Tensor, attn_mask, enable_gqa: bool) -> None:
+    if not isinstance(attn_mask, Tensor) or _causal_bias_variant(attn_mask) is not None:
+        return
+    heads = query.shape[-3] if query.dim() >= 3 else 1
+    target = (*query.shape[:-3], heads, query.shape[-2], key.shape[-2]) if query.dim() >= 3 else (
+        query.shape[-2], key.shape[-2])
+    try:
+        if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
+            raise RuntimeError
+    except RuntimeError:
+        raise RuntimeError(f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                           f"broadcast to the attention shape {tuple(target)}") from None
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False) -> Tensor:
-    """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+                                 enable_gqa: bool = False, *, window_size: Optional[tuple[int, int]] = None,
+                                 key_lengths: Optional[Tensor] = None, query_lengths: Optional[Tensor] = None,
+                                 softcap: Optional[float] = None, bottom_right: bool = False) -> Tensor:
+    """Attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``, plus masks that
+    never exist in memory.
 
     ``softmax(query @ key^T * scale + mask) @ value`` over the key axis, with ``scale`` defaulting to
-    ``1 / sqrt(query.size(-1))``.  Inputs are [..., H, L, E] (3-D or 4-D run the kernels); ``is_causal``
-    aligns the mask top-left as SDPA does, and ``attn_mask=torch.nn.attention.bias.causal_lower_right(M, N)``
-    (or ``causal_upper_left``) selects the alignment explicitly.  ``enable_gqa`` lets key/value have fewer
-    heads than query (a divisor), read in place without repetition.  Rows that no key may attend give 0.
+    ``1 / sqrt(query.size(-1))``.  Inputs are [..., H, L, E] (3-D or 4-D run the kernels).
 
-    Calls the kernels cannot compute exactly (for now: tensor masks, dropout, dtypes or head dims the device
-    kernels lack) run torch's SDPA instead; the reason is logged on the ``fa_inductor`` logger.
+    SDPA's arguments: ``attn_mask`` is a boolean mask (True = attend) or a float additive bias broadcastable
+    to [B, H, M, N], read through its strides (a broadcast dim is never expanded in memory); a float bias that
+    requires grad gets its gradient, in its own shape.  ``dropout_p`` drops attention probabilities inside the
+    kernel (seeded from torch's generator, so ``torch.manual_seed`` reproduces it).  ``is_causal`` aligns the
+    causal mask top-left as SDPA does; ``attn_mask=torch.nn.attention.bias.causal_lower_right(M, N)`` (or
+    ``causal_upper_left``) selects the alignment explicitly.  ``enable_gqa`` lets key/value have fewer heads
+    than query (a divisor), read in place without repetition.
+
+    Keyword-only extensions (no mask tensor is built for any of them; fully masked key blocks are skipped):
+
+    - ``window_size=(left, right)``: query i sees keys i - left ... i + right (-1: unbounded on that side);
+      a Mistral-style sliding window of W keys is ``(W - 1, 0)``.  Combines with ``is_causal`` (right = 0).
+    - ``key_lengths``: int tensor (batch,); keys at or past ``key_lengths[b]`` are padding, never attended.
+    - ``query_lengths``: int tensor (batch,); query rows at or past ``query_lengths[b]`` produce 0.
+    - ``softcap``: Gemma 2 logit capping, scores become ``softcap * tanh(scores / softcap)`` before the mask.
+    - ``bottom_right``: align causal masks and windows to the last key (row i's diagonal is key
+      i + Lk - Lq, with the per-sequence lengths when given), as in prefill with a KV cache.
+
+    Rows that no key may attend give 0 (with -inf masks; a finite additive mask such as ``finfo.min`` gives what
+    the formula gives).  Calls the kernels cannot compute (dtypes, head dims or devices they lack, 5-D inputs)
+    run torch's SDPA instead with the reason logged on the ``fa_inductor`` logger, or raise when they use an
+    extension torch's SDPA does not have.
     """
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    _validate_extensions(query, window_size, key_lengths, query_lengths, softcap, bottom_right)
+    _validate_mask(query, key, attn_mask, enable_gqa)
+    return _dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                     key_lengths, query_lengths, softcap, bottom_right, None, SPARSE_BLOCK)
+
+
+def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, block_mask: Tensor, *,
+                           block_size: int = SPARSE_BLOCK, attn_mask=None, dropout_p: float = 0.0,
+                           is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
+                           window_size: Optional[tuple[int, int]] = None, key_lengths: Optional[Tensor] = None,
+                           query_lengths: Optional[Tensor] = None, softcap: Optional[float] = None,
+                           bottom_right: bool = False) -> Tensor:
+    """Block-sparse FlashAttention: ``scaled_dot_product_attention`` restricted to the (query block, key block)
+    pairs that ``block_mask`` keeps.
+
+    ``block_mask`` is a boolean tensor [..., ceil(M / block_size), ceil(N / block_size)] broadcastable over the
+    batch and head dims of the query (e.g. [QB, KB], [H, QB, KB] or [B, H, QB, KB]); element (i, j) of the
+    attention is visible only when block (i // block_size, j // block_size) is True.  ``block_size`` is 128 by
+    default (any power of two >= 16).  The kernels visit only the kept blocks, forward and backward, through
+    per-row block lists, so time scales with the density.  All other arguments are as in
+    ``scaled_dot_product_attention`` and combine with the block mask.
+    """
+    _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    _validate_extensions(query, window_size, key_lengths, query_lengths, softcap, bottom_right)
+    _validate_mask(query, key, attn_mask, enable_gqa)
+    if not isinstance(block_mask, Tensor) or block_mask.dtype != torch.bool:
+        raise TypeError("block_sparse_attention: block_mask must be a boolean tensor")
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_sparse_attention: block_size must be a power of two >= 16, got {block_size!r}")
+    blocks = (-(-query.shape[-2] // block_size), -(-key.shape[-2] // block_size))
+    if block_mask.dim() < 2 or tuple(block_mask.shape[-2:]) != blocks:
+        raise RuntimeError(f"block_sparse_attention: block_mask must end in {blocks} (query blocks, key blocks) "
+                           f"for lengths {query.shape[-2]}, {key.shape[-2]} and block_size {block_size}, "
+                           f"got {tuple(block_mask.shape)}")
+    return _dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                     key_lengths, query_lengths, softcap, bottom_right, block_mask, block_size)
+
+
+def _dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, key_lengths,
+              query_lengths, softcap, bottom_right, block_mask, block_size) -> Tensor:
+    extensions = [name for name, used in (
+        ("window_size", window_size is not None), ("key_lengths", key_lengths is not None),
+        ("query_lengths", query_lengths is not None), ("softcap", bool(softcap)), ("bottom_right", bottom_right),
+        ("block_mask", block_mask is not None)) if used]
     reason = fallback_reason(query, key, value, attn_mask, dropout_p)
     if reason:
+        if extensions:
+            raise NotImplementedError(f"fa_inductor attention: {', '.join(extensions)} need the fa_inductor "
+                                      f"kernels, which cannot run this call: {reason}")
         if not torch.compiler.is_compiling():
             log.info("scaled_dot_product_attention: using torch SDPA: %s", reason)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    bottom_right = False
     variant = _causal_bias_variant(attn_mask)
     if variant is not None:
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (query.shape[-2], key.shape[-2]):
             raise RuntimeError("scaled_dot_product_attention: attn_mask (CausalBias) was built for lengths "
                                f"({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) but query/key have "
                                f"({query.shape[-2]}, {key.shape[-2]})")
-        is_causal, bottom_right = True, variant == "bottom_right"
-    return flash_attention(query, key, value, scale, is_causal, bottom_right, enable_gqa)
+        if bottom_right and variant == "top_left":
+            raise RuntimeError("scaled_dot_product_attention: bottom_right=True contradicts causal_upper_left")
+        is_causal, bottom_right, attn_mask = True, variant == "bottom_right", None
+    left, right = window_size if window_size is not None else (-1, -1)
+    return flash_attention(query, key, value, scale, is_causal, bottom_right, enable_gqa, attn_mask=attn_mask,
+                           dropout_p=dropout_p, window=(left, right), seqlens_q=query_lengths,
+                           seqlens_k=key_lengths, softcap=float(softcap or 0.0), block_mask=block_mask,
+                           block_size=block_size)
 
 
 def flash_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float], is_causal: bool,
-                    bottom_right: bool, enable_gqa: bool, gqa_tiled: bool = False) -> Tensor:
+                    bottom_right: bool, enable_gqa: bool, gqa_tiled: bool = False, *, attn_mask: Optional[Tensor] = None,
+                    dropout_p: float = 0.0, window: tuple[int, int] = (-1, -1), seqlens_q: Optional[Tensor] = None,
+                    seqlens_k: Optional[Tensor] = None, softcap: float = 0.0, block_mask: Optional[Tensor] = None,
+                    block_size: int = SPARSE_BLOCK) -> Tensor:
     """The op on validated 3-D/4-D inputs that ``fallback_reason`` accepts (also the target of graph rewrites).
 
     ``gqa_tiled``: query head h reads key/value head ``h % HK`` (K/V repeated with ``Tensor.repeat``) instead of
-    ``h // GROUP``; the query heads are reordered so that the op's grouping applies, and the output put back."""
+    ``h // GROUP``; the query heads (and the head dims of the masks) are reordered so that the op's grouping
+    applies, and the output put back.  ``attn_mask`` and ``block_mask`` broadcast as in SDPA (leading dims)."""
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     group = query.shape[-3] // key.shape[-3] if gqa_tiled else 1
-    if group > 1:
-        query = _swap_head_factors(query, group, key.shape[-3])
     q, k, v, squeeze = _broadcast_heads(query, key, value, enable_gqa)
-    out, _ = torch.ops.fa_inductor.flash_attention_forward(q, k, v, float(scale), bool(is_causal), bottom_right)
-    out = out.squeeze(0) if squeeze else out
-    return _swap_head_factors(out, key.shape[-3], group) if group > 1 else out
+    batch, heads = q.shape[:2]
+    bias = _as_4d(attn_mask, batch, heads) if attn_mask is not None else None
+    blocks = _as_4d(block_mask, batch, heads) if block_mask is not None else None
+    if group > 1:
+        q = _swap_head_factors(q, group, key.shape[-3])
+        bias, blocks = (_swap_head_factors(t, group, key.shape[-3]) if t is not None and t.shape[1] > 1 else t
+                        for t in (bias, blocks))
+    rng_state = new_rng_state(q.device) if dropout_p > 0 else None
+    out, _ = torch.ops.fa_inductor.flash_attention_forward(
+        q, k, v, float(scale), bool(is_causal), bool(bottom_right), attn_bias=bias, window_left=int(window[0]),
+        window_right=int(window[1]), seqlens_q=seqlens_q, seqlens_k=seqlens_k, softcap=float(softcap),
+        dropout_p=float(dropout_p), rng_state=rng_state, block_mask=blocks, block_size=int(block_size))
+    if group > 1:
+        out = _swap_head_factors(out, key.shape[-3], group)
+    return out.squeeze(0) if squeeze else out
+
+
+def _as_4d(mask: Tensor, batch: int, heads: int) -> Tensor:
+    """A mask broadcastable to [B, H, *, *] as a 4-D view whose leading dims are 1 or full (no copy)."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.dim() > 4:
+        mask = mask.reshape(-1, *mask.shape[-3:])
+    if mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads):
+        mask = mask.expand(batch, heads, *mask.shape[2:])
+    return mask
 
 
 def _swap_head_factors(x: Tensor, outer: int, inner: int) -> Tensor:

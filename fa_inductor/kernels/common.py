@@ -8,9 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "launch", "divides", "is_interpreted", "dot_options", "mma", "round_to", "empty_output", "empty_lse"]
+__all__ = ["LOG2E", "LOG2E_JIT", "launch", "divides", "is_interpreted", "dot_options", "mma", "round_to", "empty_output", "empty_lse"]
 
 LOG2E = math.log2(math.e)
+# The same constant for use inside @triton.jit functions (Triton reads only constexpr globals).
+LOG2E_JIT = tl.constexpr(LOG2E)
 
 
 def is_interpreted(kernel) -> bool:

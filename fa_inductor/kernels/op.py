@@ -3,12 +3,16 @@
 Layering: Triton kernels (flash_fwd.py, flash_bwd.py) -> host launchers -> these ops.  Both are
 ``torch.library.triton_op`` s, so torch.compile and export trace into them and Inductor sees the Triton kernels;
 the op body doubles as the fake (meta) implementation.  The forward op returns (out, lse) and carries an
-autograd formula that calls the backward op; the gradient of ``lse`` is honoured too, so callers that use
-the logsumexp get exact gradients.
+autograd formula that calls the backward op; the gradients of ``lse`` and of a float ``attn_bias`` are
+honoured too.
 
 Operands are 4-D: query [B, H, M, D], key [B, HK, N, D], value [B, HK, N, DV] with H a multiple of HK, any
 strides.  ``is_causal`` masks key j for query i unless j <= i (``bottom_right=False``: SDPA's top-left
-alignment) or j <= i + N - M (``bottom_right=True``).  Rows with no visible key give out = 0, lse = -inf.
+alignment) or j <= i + N - M (``bottom_right=True``).  The optional arguments (all default to "off") are
+defined in ``masking.py``: ``attn_bias`` (float bias or boolean mask, 4-D, each dim 1 or full), ``window_left``
+/ ``window_right`` (-1 = unbounded), ``seqlens_q`` / ``seqlens_k`` (int [B]), ``softcap`` (0 = off),
+``dropout_p`` with ``rng_state`` (int64 [seed, offset], ``rng.new_rng_state``), ``block_mask`` (bool
+[Bm, Hm, ceil(M / block_size), ceil(N / block_size)]).  Rows with no visible key give out = 0, lse = -inf.
 
 Devices: CUDA tensors run the Triton kernels.  CPU tensors go to the opaque ops
 ``fa_inductor::attention_forward_cpu`` / ``..._backward_cpu`` (opaque, so compiling a CPU graph neither unrolls
@@ -19,6 +23,7 @@ with memory linear in sequence length.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Optional
 
@@ -30,8 +35,9 @@ from .common import dot_options, empty_lse, empty_output, is_interpreted
 from .configs import Direction, default_config
 from .flash_bwd import _bwd_kv_kernel, flash_backward
 from .flash_fwd import _flash_fwd_kernel, flash_forward
+from .masking import SPARSE_BLOCK, MaskSpec, window_extents
 
-__all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_interpreter"]
+__all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_interpreter", "mask_spec"]
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,86 +49,184 @@ def cpu_runs_interpreter(dtype: torch.dtype) -> bool:
     return dtype in KERNEL_DTYPES and is_interpreted(_flash_fwd_kernel) and is_interpreted(_bwd_kv_kernel)
 
 
-def _empty_grads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"fa_inductor attention op: {message}")
 
 
-def _run_forward(query, key, value, scale, is_causal, bottom_right):
+def mask_spec(query: Tensor, key: Tensor, is_causal: bool, bottom_right: bool, attn_bias: Optional[Tensor],
+              window_left: int, window_right: int, seqlens_q: Optional[Tensor], seqlens_k: Optional[Tensor],
+              softcap: float, dropout_p: float, rng_state: Optional[Tensor], block_mask: Optional[Tensor],
+              block_size: int) -> MaskSpec:
+    """Check the optional arguments against the operands and bundle them (errors name the argument)."""
+    batch, heads, n_queries, _ = query.shape
+    n_keys = key.shape[2]
+    full = (batch, heads, n_queries, n_keys)
+    if attn_bias is not None:
+        _check(attn_bias.dim() == 4 and all(s in (1, f) for s, f in zip(attn_bias.shape, full)),
+               f"attn_bias must be 4-D with each dim 1 or equal to {full}, got {tuple(attn_bias.shape)}")
+        _check(attn_bias.dtype == torch.bool or attn_bias.is_floating_point(),
+               f"attn_bias must be bool or floating point, got {attn_bias.dtype}")
+        _check(attn_bias.device == query.device, "attn_bias must be on the device of query")
+    for name, lengths in (("seqlens_q", seqlens_q), ("seqlens_k", seqlens_k)):
+        if lengths is not None:
+            _check(lengths.shape == (batch,) and not lengths.is_floating_point() and lengths.dtype != torch.bool,
+                   f"{name} must be an integer tensor of shape ({batch},), got {lengths.dtype} "
+                   f"{tuple(lengths.shape)}")
+            _check(lengths.device == query.device, f"{name} must be on the device of query")
+    _check(softcap >= 0.0, f"softcap must be >= 0 (0 = off), got {softcap}")
+    _check(0.0 <= dropout_p <= 1.0, f"dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0:
+        _check(rng_state is not None and rng_state.shape == (2,) and rng_state.dtype == torch.int64,
+               "dropout_p > 0 needs rng_state, an int64 tensor [seed, offset] (rng.new_rng_state)")
+        _check(rng_state.device == query.device, "rng_state must be on the device of query")
+    if block_mask is not None:
+        _check(block_size >= 16 and block_size & (block_size - 1) == 0,
+               f"block_size must be a power of two >= 16, got {block_size}")
+        blocks = (-(-n_queries // block_size), -(-n_keys // block_size))
+        _check(block_mask.dim() == 4 and block_mask.shape[0] in (1, batch) and block_mask.shape[1] in (1, heads)
+               and tuple(block_mask.shape[2:]) == blocks,
+               f"block_mask must be [1 or {batch}, 1 or {heads}, {blocks[0]}, {blocks[1]}] for block_size "
+               f"{block_size}, got {tuple(block_mask.shape)}")
+        _check(block_mask.device == query.device, "block_mask must be on the device of query")
+    left, right = window_extents(is_causal, window_left, window_right)
+    return MaskSpec(bias=attn_bias, left=left, right=right, bottom_right=bottom_right, seqlens_q=seqlens_q,
+                    seqlens_k=seqlens_k, softcap=float(softcap), dropout_p=float(dropout_p),
+                    rng_state=rng_state if dropout_p > 0 else None, block_mask=block_mask, block_size=block_size)
+
+
+def _configs(query: Tensor, value: Tensor, spec: MaskSpec, *directions: str):
+    configs = []
+    for direction in directions:
+        cfg = default_config(query.device, query.dtype, query.shape[-1], value.shape[-1], direction)
+        if spec.block_mask is not None:
+            # Kernel tiles must divide the sparse blocks (both are powers of two).
+            cfg = dataclasses.replace(cfg, block_m=min(cfg.block_m, spec.block_size),
+                                      block_n=min(cfg.block_n, spec.block_size))
+        configs.append(cfg)
+    return configs
+
+
+def _empty_grads(query: Tensor, key: Tensor, value: Tensor, attn_bias: Optional[Tensor], bias_requires_grad: bool):
+    dbias = (torch.empty_like(attn_bias) if bias_requires_grad and attn_bias is not None
+             else query.new_empty((0,)))
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dbias
+
+
+def _run_forward(query, key, value, scale, spec):
     out = empty_output(query, value)
     lse = empty_lse(query)
     if out.numel() > 0:
-        cfg = default_config(query.device, query.dtype, query.shape[-1], value.shape[-1], Direction.FORWARD)
-        flash_forward(query, key, value, out, lse, scale, is_causal, bottom_right, cfg,
+        (cfg,) = _configs(query, value, spec, Direction.FORWARD)
+        flash_forward(query, key, value, out, lse, scale, spec, cfg,
                       dot_options(query.dtype, interpreted=query.device.type == "cpu"))
     return out, lse
 
 
-def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, bottom_right):
+def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, bias_requires_grad):
+    bias = spec.bias if bias_requires_grad else None
     if query.numel() == 0 or key.numel() == 0:
         # No queries or no keys: every gradient is zero, as in the math formula.
-        return tuple(torch.zeros_like(t) for t in (query, key, value))
-    dq, dk, dv = _empty_grads(query, key, value)
-    head_d, head_dv = query.shape[-1], value.shape[-1]
-    cfg_kv = default_config(query.device, query.dtype, head_d, head_dv, Direction.BACKWARD_KV)
-    cfg_q = default_config(query.device, query.dtype, head_d, head_dv, Direction.BACKWARD_Q)
-    flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, scale, is_causal, bottom_right,
-                   cfg_kv, cfg_q, dot_options(query.dtype, interpreted=query.device.type == "cpu"))
-    return dq, dk, dv
+        zeros = tuple(torch.zeros_like(t) for t in (query, key, value))
+        return zeros + (torch.zeros_like(bias) if bias is not None else query.new_empty((0,)),)
+    dq, dk, dv, dbias = _empty_grads(query, key, value, bias, bias is not None)
+    dbias32 = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
+    cfg_kv, cfg_q = _configs(query, value, spec, Direction.BACKWARD_KV, Direction.BACKWARD_Q)
+    flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, dbias32, scale, spec, cfg_kv, cfg_q,
+                   dot_options(query.dtype, interpreted=query.device.type == "cpu"))
+    if bias is not None:
+        dbias.copy_(dbias32)
+    return dq, dk, dv, dbias
 
 
 # --- CPU: opaque custom ops ------------------------------------------------------------------------------
 
 @torch.library.custom_op("fa_inductor::attention_forward_cpu", mutates_args=(), device_types="cpu")
-def _forward_cpu(query: Tensor, key: Tensor, value: Tensor, scale: float, is_causal: bool,
-                 bottom_right: bool) -> tuple[Tensor, Tensor]:
+def _forward_cpu(query: Tensor, key: Tensor, value: Tensor, scale: float, is_causal: bool, bottom_right: bool,
+                 attn_bias: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
+                 seqlens_q: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None, softcap: float = 0.0,
+                 dropout_p: float = 0.0, rng_state: Optional[Tensor] = None, block_mask: Optional[Tensor] = None,
+                 block_size: int = SPARSE_BLOCK) -> tuple[Tensor, Tensor]:
+    spec = mask_spec(query, key, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
+                     seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
     if cpu_runs_interpreter(query.dtype):
-        return _run_forward(query, key, value, scale, is_causal, bottom_right)
-    out, lse = blockwise.blockwise_forward(query, key, value, scale, is_causal, bottom_right)
+        return _run_forward(query, key, value, scale, spec)
+    out, lse = blockwise.blockwise_forward(query, key, value, scale, spec)
     result = empty_output(query, value)
     result.copy_(out)
     return result, lse
 
 
 @_forward_cpu.register_fake
-def _(query, key, value, scale, is_causal, bottom_right):
+def _(query, key, value, *args, **kwargs):
     return empty_output(query, value), empty_lse(query)
 
 
-@torch.library.custom_op("fa_inductor::attention_backward_cpu", mutates_args=(), device_types="cpu")
-def _backward_cpu(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-                  grad_lse: Optional[Tensor], scale: float, is_causal: bool,
-                  bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_cpu_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                  grad_lse: Optional[Tensor], scale: float, is_causal: bool, bottom_right: bool,
+                  attn_bias: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
+                  seqlens_q: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None, softcap: float = 0.0,
+                  dropout_p: float = 0.0, rng_state: Optional[Tensor] = None, block_mask: Optional[Tensor] = None,
+                  block_size: int = SPARSE_BLOCK,
+                  bias_requires_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    spec = mask_spec(query, key, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
+                     seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
     if cpu_runs_interpreter(query.dtype):
-        return _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, bottom_right)
-    grads = blockwise.blockwise_backward(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
-                                         bottom_right)
-    results = _empty_grads(query, key, value)
+        return _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, bias_requires_grad)
+    grads = blockwise.blockwise_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec,
+                                         bias_requires_grad and attn_bias is not None)
+    results = _empty_grads(query, key, value, attn_bias, bias_requires_grad)
     for result, grad in zip(results, grads):
-        result.copy_(grad)
+        if grad is not None:
+            result.copy_(grad)
     return results
 
 
+_backward_cpu = torch.library.custom_op("fa_inductor::attention_backward_cpu", _backward_cpu_fn, mutates_args=(),
+                                        device_types="cpu")
+_BACKWARD_SIGNATURE = inspect.signature(_backward_cpu_fn)
+
+
 @_backward_cpu.register_fake
-def _(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, bottom_right):
-    return _empty_grads(query, key, value)
+def _(*args, **kwargs):
+    bound = _BACKWARD_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    return _empty_grads(a["query"], a["key"], a["value"], a["attn_bias"], a["bias_requires_grad"])
 
 
 # --- the public ops -------------------------------------------------------------------------------------
 
-def _forward_impl(query: Tensor, key: Tensor, value: Tensor, scale: float, is_causal: bool,
-                  bottom_right: bool) -> tuple[Tensor, Tensor]:
+def _forward_impl(query: Tensor, key: Tensor, value: Tensor, scale: float, is_causal: bool, bottom_right: bool,
+                  attn_bias: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
+                  seqlens_q: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None, softcap: float = 0.0,
+                  dropout_p: float = 0.0, rng_state: Optional[Tensor] = None, block_mask: Optional[Tensor] = None,
+                  block_size: int = SPARSE_BLOCK) -> tuple[Tensor, Tensor]:
     if query.device.type == "cpu":
-        return torch.ops.fa_inductor.attention_forward_cpu(query, key, value, scale, is_causal, bottom_right)
-    return _run_forward(query, key, value, scale, is_causal, bottom_right)
+        return torch.ops.fa_inductor.attention_forward_cpu(
+            query, key, value, scale, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
+            seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
+    spec = mask_spec(query, key, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
+                     seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
+    return _run_forward(query, key, value, scale, spec)
 
 
 def _backward_impl(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-                   grad_lse: Optional[Tensor], scale: float, is_causal: bool,
-                   bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   grad_lse: Optional[Tensor], scale: float, is_causal: bool, bottom_right: bool,
+                   attn_bias: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
+                   seqlens_q: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None, softcap: float = 0.0,
+                   dropout_p: float = 0.0, rng_state: Optional[Tensor] = None, block_mask: Optional[Tensor] = None,
+                   block_size: int = SPARSE_BLOCK,
+                   bias_requires_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dbias); dbias has attn_bias's shape when ``bias_requires_grad``, else it is empty."""
     if query.device.type == "cpu":
-        return torch.ops.fa_inductor.attention_backward_cpu(grad_out, query, key, value, out, lse, grad_lse,
-                                                            scale, is_causal, bottom_right)
-    return _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, bottom_right)
+        return torch.ops.fa_inductor.attention_backward_cpu(
+            grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, bottom_right, attn_bias,
+            window_left, window_right, seqlens_q, seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size,
+            bias_requires_grad)
+    spec = mask_spec(query, key, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
+                     seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
+    return _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, bias_requires_grad)
 
 
 flash_attention_forward = torch.library.triton_op("fa_inductor::flash_attention_forward", _forward_impl,
@@ -134,23 +238,30 @@ flash_attention_backward = torch.library.triton_op("fa_inductor::flash_attention
 # --- autograd -------------------------------------------------------------------------------------------
 
 _FORWARD_ARGS = tuple(inspect.signature(_forward_impl).parameters)
+_SAVED = ("query", "key", "value", "attn_bias", "seqlens_q", "seqlens_k", "rng_state", "block_mask")
+_OPTIONS = ("scale", "is_causal", "bottom_right", "window_left", "window_right", "softcap", "dropout_p",
+            "block_size")
 
 
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_FORWARD_ARGS, inputs))
     out, lse = output
-    ctx.save_for_backward(args["query"], args["key"], args["value"], out, lse)
-    ctx.options = {name: args[name] for name in ("scale", "is_causal", "bottom_right")}
+    ctx.save_for_backward(*(args[name] for name in _SAVED), out, lse)
+    ctx.options = {name: args[name] for name in _OPTIONS}
+    ctx.bias_requires_grad = ctx.needs_input_grad[_FORWARD_ARGS.index("attn_bias")]
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse = ctx.saved_tensors
+    *saved, out, lse = ctx.saved_tensors
+    saved = dict(zip(_SAVED, saved))
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.fa_inductor.flash_attention_backward(grad_out, query, key, value, out, lse, grad_lse,
-                                                                **ctx.options)
-    grads = {"query": dq, "key": dk, "value": dv}
+    dq, dk, dv, dbias = torch.ops.fa_inductor.flash_attention_backward(
+        grad_out, saved["query"], saved["key"], saved["value"], out, lse, grad_lse, **ctx.options,
+        attn_bias=saved["attn_bias"], seqlens_q=saved["seqlens_q"], seqlens_k=saved["seqlens_k"],
+        rng_state=saved["rng_state"], block_mask=saved["block_mask"], bias_requires_grad=ctx.bias_requires_grad)
+    grads = {"query": dq, "key": dk, "value": dv, "attn_bias": dbias if ctx.bias_requires_grad else None}
     return tuple(grads.get(name) for name in _FORWARD_ARGS)
 
 

@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "LOG2E_JIT", "launch", "divides", "is_interpreted", "dot_options", "mma", "round_to", "empty_output", "empty_lse"]
+__all__ = ["LOG2E", "LOG2E_JIT", "launch", "divides", "is_interpreted", "dot_options", "mma", "round_to",
+           "empty_output", "empty_lse"]
 
 LOG2E = math.log2(math.e)
 # The same constant for use inside @triton.jit functions (Triton reads only constexpr globals).
@@ -78,4 +79,5 @@ def empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def empty_lse(query: torch.Tensor) -> torch.Tensor:
     batch, heads, n_queries, _ = query.shape
-    return query.new_empty((batch, heads, n_queries), dtype=torch.float64 if query.dtype == torch.float64 else torch.float32)
+    return query.new_empty((batch, heads, n_queries),
+    dtype=torch.float64 if query.dtype == torch.float64 else torch.float32)

@@ -82,7 +82,8 @@ def _bwd_saturated_rows_kernel(
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SEQ_Q: tl.constexpr,
     HAS_SEQ_K: tl.constexpr, BIAS: tl.constexpr, BIAS_ROW: tl.constexpr, SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
+    DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     """Rows whose scores are all about -3.4e38 (a finite ``finfo.min`` mask over every key): LSE = m + log(l)
     has lost log(l) to rounding, so P = exp(S - LSE) would be 1, not 1/l.  Recompute l for those rows only
@@ -139,8 +140,10 @@ def _bwd_saturated_rows_kernel(
 
 
 @triton.jit
-def _bwd_kv_stage(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, lo_offset, delta_ptrs, bias_ptr, sparse_ptr, start_m, end_m,
-                  offs_n, offs_mb, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_bn, n_queries, n_keys, lk,
+def _bwd_kv_stage(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, lo_offset, delta_ptrs, bias_ptr, sparse_ptr, start_m,
+                  end_m,
+                  offs_n, offs_mb, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_bn, n_queries, n_keys,
+                  lk,
                   shift, left, right, qk_scale, cap, seed, rng_offset, bh, threshold, drop_scale,
                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
@@ -266,7 +269,8 @@ def _bwd_kv_kernel(
         off_h = off_hk * group + g
         bh = off_b * n_heads + off_h
         row0 = bh * n_queries
-        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_mb[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_mb[:, None] * stride_qm + offs_d[None,
+        :] * stride_qd
         do_ptrs = (DOut + off_b * stride_dob + off_h * stride_doh + offs_mb[:, None] * stride_dom
                    + offs_dv[None, :] * stride_dod)
         lse_ptrs = LseUnits + row0 + offs_mb
@@ -300,7 +304,8 @@ def _bwd_kv_kernel(
                     stage_lo, stage_hi = head_full_hi, head_hi
                 dk, dv = _bwd_kv_stage(
                     dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, lo_offset, delta_ptrs, bias_ptr, SparseIndex, stage_lo,
-                    stage_hi, offs_n, offs_mb, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_bn, n_queries,
+                    stage_hi, offs_n, offs_mb, offs_d, offs_dv, stride_qm, stride_dom, stride_bm, stride_bn,
+                    n_queries,
                     n_keys, lk, shift, left, right, qk_scale, cap, seed, rng_offset, bh, threshold, drop_scale,
                     HEAD_D, HEAD_DV, BLOCK_M, stage != 1, HAS_LEFT, HAS_RIGHT, BIAS, BIAS_ROW, SOFTCAP, DROPOUT,
                     EVEN_M, EVEN_D, EVEN_DV, 0, DOT_PRECISION, SOFT_BF16)
@@ -315,12 +320,14 @@ def _bwd_kv_kernel(
 
 
 @triton.jit
-def _bwd_q_stage(dq, q, do, lse, lse_lo, delta, k_ptrs, v_ptrs, bias_ptr, dbias_ptr, sparse_ptr, start_n, end_n, offs_m, offs_nb,
+def _bwd_q_stage(dq, q, do, lse, lse_lo, delta, k_ptrs, v_ptrs, bias_ptr, dbias_ptr, sparse_ptr, start_n, end_n,
+                 offs_m, offs_nb,
                  offs_d, offs_dv, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm, stride_dbn, n_queries,
                  n_keys, lk, shift, left, right, qk_scale, cap, seed, rng_offset, bh, threshold, drop_scale,
                  HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  CHECK_ROWS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BIAS: tl.constexpr,
-                 BIAS_ROW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, DBIAS_ATOMIC: tl.constexpr,
+                 BIAS_ROW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                 DBIAS_ATOMIC: tl.constexpr,
                  DBIAS_SUM_M: tl.constexpr, DBIAS_SUM_N: tl.constexpr, EVEN_D: tl.constexpr,
                  EVEN_DV: tl.constexpr, SPARSE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  SOFT_BF16: tl.constexpr):
@@ -413,7 +420,8 @@ def _bwd_q_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SEQ_Q: tl.constexpr, HAS_SEQ_K: tl.constexpr, BIAS: tl.constexpr,
     BIAS_ROW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    SPARSE_MASKED: tl.constexpr, KEY_BOUNDS: tl.constexpr, BIAS_GRAD: tl.constexpr, DBIAS_ATOMIC: tl.constexpr, DBIAS_SUM_M: tl.constexpr, DBIAS_SUM_N: tl.constexpr, EVEN_M: tl.constexpr,
+    SPARSE_MASKED: tl.constexpr, KEY_BOUNDS: tl.constexpr, BIAS_GRAD: tl.constexpr, DBIAS_ATOMIC: tl.constexpr,
+    DBIAS_SUM_M: tl.constexpr, DBIAS_SUM_N: tl.constexpr, EVEN_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
     tl.static_assert(SPARSE_BLOCK % BLOCK_M == 0 and SPARSE_BLOCK % BLOCK_N == 0)
@@ -470,7 +478,8 @@ def _bwd_q_kernel(
         sparse_row = off_b * stride_sb + off_h * stride_sh + (start_m // SPARSE_BLOCK) * stride_sq
         n_tiles = tl.load(SparseCount + sparse_row) * (SPARSE_BLOCK // BLOCK_N)
         dq = _bwd_q_stage(
-            dq, q, do, lse, lse_lo, delta, k_ptrs, v_ptrs, bias_ptr, dbias_ptr, SparseIndex + sparse_row * n_sparse_cols,
+            dq, q, do, lse, lse_lo, delta, k_ptrs, v_ptrs, bias_ptr, dbias_ptr,
+            SparseIndex + sparse_row * n_sparse_cols,
             0, n_tiles, offs_m, offs_nb, offs_d, offs_dv, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm,
             stride_dbn, n_queries, n_keys, lk, shift, left, right, qk_scale, cap, seed, rng_offset, bh, threshold,
             drop_scale, HEAD_D, HEAD_DV, BLOCK_N, SPARSE_MASKED, not EVEN_M, HAS_LEFT, HAS_RIGHT, BIAS, BIAS_ROW,
@@ -555,7 +564,8 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
         BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n,
         # Block-sparse query tiles come a whole sparse block at a time: rows are in bounds when it divides M.
         EVEN_M=divides(kv_args.flags["SPARSE_BLOCK"] or cfg_kv.block_m, n_queries),
-        SPARSE_MASKED=sparse_masked(spec, n_keys, cfg_kv.block_n), **kv_args.flags, **common, **cfg_kv.launch_options(),
+        SPARSE_MASKED=sparse_masked(spec, n_keys, cfg_kv.block_n), **kv_args.flags, **common,
+        **cfg_kv.launch_options(),
     )
     if dbias is not None:
         layout = bias_grad_layout(dbias, (batch, heads, n_queries, n_keys))
@@ -570,5 +580,6 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
         *q_args.bias_strides, *q_args.sparse_strides, *q_args.bounds_strides, *dbias_strides,
         heads, heads // kv_heads, n_queries, n_keys, n_m_blocks, *q_args.scalars, scale, lo_offset,
         BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, EVEN_M=divides(cfg_q.block_m, n_queries),
-        SPARSE_MASKED=sparse_masked(spec, n_keys, max(q_args.flags["SPARSE_BLOCK"], 1)), BIAS_GRAD=dbias is not None, **layout, **q_args.flags, **common, **cfg_q.launch_options(),
+        SPARSE_MASKED=sparse_masked(spec, n_keys, max(q_args.flags["SPARSE_BLOCK"], 1)),
+        BIAS_GRAD=dbias is not None, **layout, **q_args.flags, **common, **cfg_q.launch_options(),
     )

@@ -136,7 +136,8 @@ def _flash_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SEQ_Q: tl.constexpr, HAS_SEQ_K: tl.constexpr, BIAS: tl.constexpr,
     BIAS_ROW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    SPARSE_MASKED: tl.constexpr, KEY_BOUNDS: tl.constexpr, FOLD_SCALE: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPARSE_MASKED: tl.constexpr, KEY_BOUNDS: tl.constexpr, FOLD_SCALE: tl.constexpr, EVEN_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= HEAD_D)
@@ -263,7 +264,8 @@ def flash_forward(q, k, v, out, lse, scale: float, spec, cfg, dot: dict):
         heads, heads // kv_heads, n_queries, n_keys, n_m_blocks, *args.scalars,
         HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=padded_head_dim(head_d), BLOCK_DV=padded_head_dim(head_dv), **args.flags,
-        SPARSE_MASKED=sparse_masked(spec, n_keys, max(args.flags["SPARSE_BLOCK"], 1)), FOLD_SCALE=scale >= 0, EVEN_M=divides(cfg.block_m, n_queries), **dot,
+        SPARSE_MASKED=sparse_masked(spec, n_keys, max(args.flags["SPARSE_BLOCK"], 1)), FOLD_SCALE=scale >= 0,
+        EVEN_M=divides(cfg.block_m, n_queries), **dot,
         **cfg.launch_options(),
     )
 

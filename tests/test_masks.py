@@ -140,6 +140,7 @@ CASES = {
     "padding_neg_inf_key_bounds": dict(bias_shape=(2, 2, 1, 40), bias_kind="padding_neg_inf"),
     "padding_finfo_min_key_bounds": dict(bias_shape=(2, 1, 1, 40), bias_kind="finfo_min"),
     "padding_key_bounds_causal": dict(bias_shape=(2, 1, 1, 40), bias_kind="padding_bool", is_causal=True),
+    "padding_key_bounds_softcap": dict(bias_shape=(2, 1, 1, 40), bias_kind="padding_neg_inf", softcap=2.0),
     "softcap": dict(softcap=2.5),
     "softcap_bias_causal": dict(softcap=2.0, bias_shape=(1, 2, 33, 40), is_causal=True),
     "dropout": dict(dropout_p=0.3),

@@ -82,7 +82,7 @@ def block_lists(block_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def bias_key_bounds(bias: Tensor) -> Optional[Tensor]:
     """For a row-broadcast bias ([B|1, H|1, 1, N]: padding masks), the keys [lo, hi) outside of which every
-    key is dead for every row, as int32 [B|1, H|1, 2]; None for other biases.  The kernels skip the key blocks
+    key is dead for every row, as int32 [B|1, H|1, 3] (lo, hi, pure); None for other biases.  The kernels skip the key blocks
     outside the bounds (left and right padding); dead keys inside are masked by the bias itself.
 
     A key whose bias is False, -inf, or (fp32/bf16 biases) exactly ``finfo.min`` contributes exactly 0 to a
@@ -103,7 +103,12 @@ def bias_key_bounds(bias: Tensor) -> Optional[Tensor]:
     first = live.argmax(-1)
     stop = n_keys - live.flip(-1).argmax(-1)
     any_live = live.amax(-1) > 0
-    bounds = torch.stack((torch.where(any_live, first, 0), torch.where(any_live, stop, 0)), -1)
+    # "pure" right padding: the live keys are exactly [0, stop) and carry bias 0 (True), so the bias is a key
+    # length in disguise and the forward kernel runs without reading it.
+    pure = (first == 0) & (live.sum(-1) == stop)
+    if bias.dtype != torch.bool:
+        pure = pure & ((row == 0) | (live == 0)).all(-1)
+    bounds = torch.stack((torch.where(any_live, first, 0), torch.where(any_live, stop, 0), pure.to(first.dtype)), -1)
     return bounds.to(torch.int32).contiguous()
 
 

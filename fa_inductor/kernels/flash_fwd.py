@@ -121,6 +121,30 @@ def _fwd_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptr, sparse_ptr, start_n, e
 
 
 @triton.jit
+def _fwd_stages(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptr, lo, full_lo, full_hi, hi, offs_m, offs_n, offs_d,
+                offs_dv, stride_kn, stride_vn, stride_bm, stride_bn, n_queries, n_keys, lk, shift, left, right,
+                qk_scale, cap, seed, rng_offset, bh, threshold,
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_ROWS: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
+                SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr,
+                EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """The key range in three stages: [lo, full_lo) and [full_hi, hi) masked, [full_lo, full_hi) not."""
+    for stage in tl.static_range(3):
+        if stage == 0:
+            stage_lo, stage_hi = lo, full_lo
+        elif stage == 1:
+            stage_lo, stage_hi = full_lo, full_hi
+        else:
+            stage_lo, stage_hi = full_hi, hi
+        acc, l_i, m_i = _fwd_loop(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptr, bias_ptr, stage_lo, stage_hi, offs_m, offs_n, offs_d, offs_dv,
+            stride_kn, stride_vn, stride_bm, stride_bn, n_queries, n_keys, lk, shift, left, right, qk_scale, cap, seed,
+            rng_offset, bh, threshold, HEAD_D, HEAD_DV, BLOCK_N, stage != 1, CHECK_ROWS, HAS_LEFT, HAS_RIGHT, BIAS,
+            BIAS_ROW, SOFTCAP, DROPOUT, FOLD_SCALE, EVEN_D, EVEN_DV, 0, DOT_PRECISION, SOFT_BF16)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _flash_fwd_kernel(
     Q, K, V, Out, Lse, Bias, SeqQ, SeqK, Rng, SparseCount, SparseIndex, KeyBounds,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -202,14 +226,12 @@ def _flash_fwd_kernel(
             left, right, qk_scale, cap, seed, rng_offset, bh, threshold, HEAD_D, HEAD_DV, BLOCK_N, SPARSE_MASKED,
             not EVEN_M, HAS_LEFT, HAS_RIGHT, BIAS, BIAS_ROW, SOFTCAP, DROPOUT, FOLD_SCALE, EVEN_D, EVEN_DV,
             SPARSE_BLOCK, DOT_PRECISION, SOFT_BF16)
-    else:
-        pure = False
-        if KEY_BOUNDS:
-            pure = tl.load(KeyBounds + off_b * stride_kbb + off_h * stride_kbh + 2) != 0
-        if pure:
+    elif KEY_BOUNDS:
+        bounds = KeyBounds + off_b * stride_kbb + off_h * stride_kbh
+        if tl.load(bounds + 2) != 0:
             # A pure right-padding bias (live keys [0, hi), bias 0 there): exactly a key length, so run the
             # unbiased kernel with it; scores in log2 units, converted back below when the bias path is natural.
-            lk_pure = tl.minimum(lk, tl.load(KeyBounds + off_b * stride_kbb + off_h * stride_kbh + 1))
+            lk_pure = tl.minimum(lk, tl.load(bounds + 1))
             lo, full_lo, full_hi, hi = key_range(start_m, lq, lk_pure, shift, left, right, BLOCK_M, BLOCK_N,
                                                  HAS_LEFT, HAS_RIGHT)
             qk_scale2 = qk_scale
@@ -219,36 +241,25 @@ def _flash_fwd_kernel(
                     cap2 = cap * LOG2E_JIT
                 else:
                     qk_scale2 = qk_scale * LOG2E_JIT
-            for stage in tl.static_range(3):
-                if stage == 0:
-                    stage_lo, stage_hi = lo, full_lo
-                elif stage == 1:
-                    stage_lo, stage_hi = full_lo, full_hi
-                else:
-                    stage_lo, stage_hi = full_hi, hi
-                acc, l_i, m_i = _fwd_loop(
-                    acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptr, SparseIndex, stage_lo, stage_hi, offs_m, offs_n,
-                    offs_d, offs_dv, stride_kn, stride_vn, stride_bm, stride_bn, n_queries, n_keys, lk_pure, shift,
-                    left, right, qk_scale2, cap2, seed, rng_offset, bh, threshold, HEAD_D, HEAD_DV, BLOCK_N,
-                    stage != 1, not EVEN_M, HAS_LEFT, HAS_RIGHT, 0, False, SOFTCAP, DROPOUT, FOLD_SCALE, EVEN_D,
-                    EVEN_DV, 0, DOT_PRECISION, SOFT_BF16)
+            acc, l_i, m_i = _fwd_stages(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptr, lo, full_lo, full_hi, hi, offs_m, offs_n, offs_d, offs_dv,
+                stride_kn, stride_vn, stride_bm, stride_bn, n_queries, n_keys, lk_pure, shift, left, right, qk_scale2,
+                cap2, seed, rng_offset, bh, threshold, HEAD_D, HEAD_DV, BLOCK_N, not EVEN_M, HAS_LEFT, HAS_RIGHT, 0,
+                False, SOFTCAP, DROPOUT, FOLD_SCALE, EVEN_D, EVEN_DV, DOT_PRECISION, SOFT_BF16)
             if NATURAL:
                 m_i = m_i * 0.6931471805599453
         else:
-            for stage in tl.static_range(3):
-                # [lo, full_lo) and [full_hi, hi) are masked, [full_lo, full_hi) is not.
-                if stage == 0:
-                    stage_lo, stage_hi = lo, full_lo
-                elif stage == 1:
-                    stage_lo, stage_hi = full_lo, full_hi
-                else:
-                    stage_lo, stage_hi = full_hi, hi
-                acc, l_i, m_i = _fwd_loop(
-                    acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptr, SparseIndex, stage_lo, stage_hi, offs_m, offs_n,
-                    offs_d, offs_dv, stride_kn, stride_vn, stride_bm, stride_bn, n_queries, n_keys, lk, shift, left,
-                    right, qk_scale, cap, seed, rng_offset, bh, threshold, HEAD_D, HEAD_DV, BLOCK_N, stage != 1,
-                    not EVEN_M, HAS_LEFT, HAS_RIGHT, BIAS, BIAS_ROW, SOFTCAP, DROPOUT, FOLD_SCALE, EVEN_D, EVEN_DV, 0,
-                    DOT_PRECISION, SOFT_BF16)
+            acc, l_i, m_i = _fwd_stages(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptr, lo, full_lo, full_hi, hi, offs_m, offs_n, offs_d, offs_dv,
+                stride_kn, stride_vn, stride_bm, stride_bn, n_queries, n_keys, lk, shift, left, right, qk_scale, cap,
+                seed, rng_offset, bh, threshold, HEAD_D, HEAD_DV, BLOCK_N, not EVEN_M, HAS_LEFT, HAS_RIGHT, BIAS,
+                BIAS_ROW, SOFTCAP, DROPOUT, FOLD_SCALE, EVEN_D, EVEN_DV, DOT_PRECISION, SOFT_BF16)
+    else:
+        acc, l_i, m_i = _fwd_stages(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptr, lo, full_lo, full_hi, hi, offs_m, offs_n, offs_d, offs_dv,
+            stride_kn, stride_vn, stride_bm, stride_bn, n_queries, n_keys, lk, shift, left, right, qk_scale, cap,
+            seed, rng_offset, bh, threshold, HEAD_D, HEAD_DV, BLOCK_N, not EVEN_M, HAS_LEFT, HAS_RIGHT, BIAS,
+            BIAS_ROW, SOFTCAP, DROPOUT, FOLD_SCALE, EVEN_D, EVEN_DV, DOT_PRECISION, SOFT_BF16)
 
     if HAS_SEQ_Q:
         # Query rows past this sequence's length see nothing.

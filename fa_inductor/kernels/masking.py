@@ -40,6 +40,8 @@ import dataclasses
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from .common import LOG2E
@@ -80,36 +82,66 @@ def block_lists(block_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return q_index, q_count, k_index, k_count
 
 
+@triton.jit
+def _key_bounds_kernel(Bias, Bounds, stride_b, stride_h, stride_n, n_heads, n_keys, dead_value,
+                       IS_BOOL: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (b, h) row of a row-broadcast bias: (lo, hi, pure) as ``bias_key_bounds`` defines."""
+    pid = tl.program_id(0)
+    row_ptr = Bias + (pid // n_heads).to(tl.int64) * stride_b + (pid % n_heads).to(tl.int64) * stride_h
+    first = n_keys
+    stop = n_keys * 0
+    count = n_keys * 0
+    nonzero_live = n_keys * 0
+    normal = n_keys * 0
+    for start in range(0, n_keys, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        inside = idx < n_keys
+        v = tl.load(row_ptr + idx.to(tl.int64) * stride_n, mask=inside, other=0)
+        if IS_BOOL:
+            live = inside & (v != 0)
+        else:
+            v = v.to(tl.float32)
+            live = inside & (v != float("-inf")) & (v != dead_value)
+            normal += tl.sum((inside & (v > -1e30)).to(tl.int32), 0)
+            nonzero_live += tl.sum((live & (v != 0)).to(tl.int32), 0)
+        first = tl.minimum(first, tl.min(tl.where(live, idx, n_keys), 0))
+        stop = tl.maximum(stop, tl.max(tl.where(live, idx + 1, 0), 0))
+        count += tl.sum(live.to(tl.int32), 0)
+    if not IS_BOOL:
+        # Finite masks everywhere (no clearly live key): eager averages every key, so all keys stay.
+        everything = normal == 0
+        first = tl.where(everything, 0, first)
+        stop = tl.where(everything, n_keys, stop)
+        nonzero_live = tl.where(everything, 1, nonzero_live)
+        count = tl.where(everything, n_keys, count)
+    any_live = count > 0
+    pure = any_live & (first == 0) & (count == stop) & (nonzero_live == 0)
+    tl.store(Bounds + pid * 3, tl.where(any_live, first, 0))
+    tl.store(Bounds + pid * 3 + 1, tl.where(any_live, stop, 0))
+    tl.store(Bounds + pid * 3 + 2, pure.to(tl.int32))
+
+
 def bias_key_bounds(bias: Tensor) -> Optional[Tensor]:
     """For a row-broadcast bias ([B|1, H|1, 1, N]: padding masks), the keys [lo, hi) outside of which every
-    key is dead for every row, as int32 [B|1, H|1, 3] (lo, hi, pure); None for other biases.  The kernels skip the key blocks
-    outside the bounds (left and right padding); dead keys inside are masked by the bias itself.
+    key is dead for every row, as int32 [B|1, H|1, 3] (lo, hi, pure); None for other biases.  The kernels skip
+    the key blocks outside the bounds (left and right padding); dead keys inside are masked by the bias itself.
 
     A key whose bias is False, -inf, or (fp32/bf16 biases) exactly ``finfo.min`` contributes exactly 0 to a
     row that has a key with bias above -1e30.  A row without such a key (every key masked with a finite value,
-    which eager averages uniformly) keeps all keys; a row of only False/-inf keys gets an empty range (out 0)."""
+    which eager averages uniformly) keeps all keys; a row of only False/-inf keys gets an empty range (out 0).
+    ``pure`` flags right padding proper (live keys exactly [0, hi) with bias 0 / True): the forward then runs
+    as with a key length, without reading the bias.  One small kernel launch computes all of it."""
     if bias.dim() != 4 or bias.shape[2] != 1 or bias.shape[3] == 1:
         return None
-    row = bias[:, :, 0, :]
-    if bias.dtype == torch.bool:
-        live = row
-    else:
-        dead = row == float("-inf")
-        if bias.dtype in (torch.float32, torch.bfloat16):
-            dead = dead | (row == torch.finfo(bias.dtype).min)
-        live = ~dead | ~(row > -1e30).any(-1, keepdim=True)
-    n_keys = row.shape[-1]
-    live = live.to(torch.int32)
-    first = live.argmax(-1)
-    stop = n_keys - live.flip(-1).argmax(-1)
-    any_live = live.amax(-1) > 0
-    # "pure" right padding: the live keys are exactly [0, stop) and carry bias 0 (True), so the bias is a key
-    # length in disguise and the forward kernel runs without reading it.
-    pure = (first == 0) & (live.sum(-1) == stop)
-    if bias.dtype != torch.bool:
-        pure = pure & ((row == 0) | (live == 0)).all(-1)
-    bounds = torch.stack((torch.where(any_live, first, 0), torch.where(any_live, stop, 0), pure.to(first.dtype)), -1)
-    return bounds.to(torch.int32).contiguous()
+    from .common import launch
+
+    batch, heads, _, n_keys = bias.shape
+    bounds = torch.empty((batch, heads, 3), dtype=torch.int32, device=bias.device)
+    is_bool = bias.dtype == torch.bool
+    dead = torch.finfo(bias.dtype).min if bias.dtype in (torch.float32, torch.bfloat16) else float("-inf")
+    launch(_key_bounds_kernel, (batch * heads,), bias.view(torch.uint8) if is_bool else bias, bounds,
+           bias.stride(0), bias.stride(1), bias.stride(3), heads, n_keys, dead, IS_BOOL=is_bool, BLOCK=1024)
+    return bounds
 
 
 @dataclasses.dataclass(frozen=True)

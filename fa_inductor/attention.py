@@ -270,12 +270,14 @@ def flash_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[f
                     bottom_right: bool, enable_gqa: bool, gqa_tiled: bool = False, *, attn_mask: Optional[Tensor] = None,
                     dropout_p: float = 0.0, window: tuple[int, int] = (-1, -1), seqlens_q: Optional[Tensor] = None,
                     seqlens_k: Optional[Tensor] = None, softcap: float = 0.0, block_mask: Optional[Tensor] = None,
-                    block_size: int = SPARSE_BLOCK) -> Tensor:
+                    block_size: int = SPARSE_BLOCK, nan_empty_rows: bool = False) -> Tensor:
     """The op on validated 3-D/4-D inputs that ``fallback_reason`` accepts (also the target of graph rewrites).
 
     ``gqa_tiled``: query head h reads key/value head ``h % HK`` (K/V repeated with ``Tensor.repeat``) instead of
     ``h // GROUP``; the query heads (and the head dims of the masks) are reordered so that the op's grouping
-    applies, and the output put back.  ``attn_mask`` and ``block_mask`` broadcast as in SDPA (leading dims)."""
+    applies, and the output put back.  ``attn_mask`` and ``block_mask`` broadcast as in SDPA (leading dims).
+    ``nan_empty_rows``: rows with no visible key give NaN, as a plain ``torch.softmax`` over -inf scores does
+    (the rewrite of hand-written attention with a mask tensor), instead of SDPA's 0."""
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     group = query.shape[-3] // key.shape[-3] if gqa_tiled else 1
@@ -288,10 +290,12 @@ def flash_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[f
         bias, blocks = (_swap_head_factors(t, group, key.shape[-3]) if t is not None and t.shape[1] > 1 else t
                         for t in (bias, blocks))
     rng_state = new_rng_state(q.device) if dropout_p > 0 else None
-    out, _ = torch.ops.fa_inductor.flash_attention_forward(
+    out, lse = torch.ops.fa_inductor.flash_attention_forward(
         q, k, v, float(scale), bool(is_causal), bool(bottom_right), attn_bias=bias, window_left=int(window[0]),
         window_right=int(window[1]), seqlens_q=seqlens_q, seqlens_k=seqlens_k, softcap=float(softcap),
         dropout_p=float(dropout_p), rng_state=rng_state, block_mask=blocks, block_size=int(block_size))
+    if nan_empty_rows:
+        out = out.masked_fill((lse == float("-inf")).unsqueeze(-1), float("nan"))
     if group > 1:
         out = _swap_head_factors(out, key.shape[-3], group)
     return out.squeeze(0) if squeeze else out

@@ -171,6 +171,30 @@ CASES = [
     Case("cross_lengths", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v, lambda: qkv(lk=29)),
     Case("output_transpose_reshape", lambda q, k, v: (torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v)
          .transpose(1, 2).reshape(B, L, H * D), qkv),
+    # --- mask tensors the op loads (not provably causal)
+    Case("additive_mask_input", lambda q, k, v, m: torch.softmax(q @ k.transpose(-2, -1) * 0.25 + m, -1) @ v,
+         lambda: (*qkv(), rand(B, 1, 1, L))),
+    Case("additive_mask_first", lambda q, k, v, m: torch.softmax(m + q @ k.transpose(-2, -1), -1) @ v,
+         lambda: (*qkv(), rand(B, H, L, L))),
+    Case("bool_mask_input", lambda q, k, v, m: torch.softmax(
+        (q @ k.transpose(-2, -1)).masked_fill(m, float("-inf")), -1) @ v,
+        lambda: (*qkv(), (torch.rand(B, 1, L, L) > 0.9).logical_and(~torch.eye(L, dtype=torch.bool)))),
+    Case("where_keep_mask", lambda q, k, v, m: torch.softmax(
+        torch.where(m, q @ k.transpose(-2, -1), float("-inf")), -1) @ v,
+        lambda: (*qkv(), (torch.rand(1, 1, L, L) > 0.3) | torch.eye(L, dtype=torch.bool))),
+    Case("hf_padding_bias", lambda q, k, v, pad: torch.softmax(q @ k.transpose(-2, -1) * 0.25 + torch.where(
+        pad[:, None, None, :], 0.0, torch.finfo(torch.float32).min), -1) @ v,
+        lambda: (*qkv(), torch.arange(L)[None, :] < torch.tensor([[L], [L - 5]]))),
+    Case("softcap_then_mask", lambda q, k, v, m: torch.softmax(
+        torch.tanh(q @ k.transpose(-2, -1) * 0.25 / 2.0) * 2.0 + m, -1) @ v, lambda: (*qkv(), rand(B, 1, 1, L))),
+    Case("softcap_causal", lambda q, k, v: torch.softmax(torch.where(
+        torch.ones(L, L, dtype=torch.bool).tril(), 3.0 * torch.tanh((q @ k.transpose(-2, -1)) * (1 / 3.0)),
+        float("-inf")), -1) @ v, qkv),
+    Case("sdpa_float_mask", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+         lambda: (*qkv(), rand(B, 1, L, L))),
+    Case("sdpa_causal_and_padding", lambda q, k, v, pad: F.scaled_dot_product_attention(q, k, v, attn_mask=(
+        torch.arange(L)[None, None, None, :] <= torch.arange(L)[None, None, :, None]) & pad[:, None, None, :]),
+        lambda: (*qkv(), torch.arange(L)[None, :].expand(B, L) >= torch.tensor([[0], [3]]))),
     # --- must be left alone
     Case("neg_softmax_over_queries", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), dim=-2) @ v, qkv,
          replaced=0, missed="softmax_not_over_keys"),
@@ -183,37 +207,29 @@ CASES = [
          lambda: (rand(B, L, D), rand(D, 5), rand(1)), replaced=0, missed="not_attention"),
     Case("neg_softmax_then_sum", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), -1).sum(-1), qkv,
          replaced=0, missed="not_attention"),
-    Case("neg_additive_mask_input", lambda q, k, v, m: torch.softmax(q @ k.transpose(-2, -1) + m, -1) @ v,
-         lambda: (*qkv(), rand(B, 1, 1, L)), replaced=0, missed="mask_tensor"),
-    Case("neg_bool_mask_input", lambda q, k, v, m: torch.softmax(
-        (q @ k.transpose(-2, -1)).masked_fill(m, float("-inf")), -1) @ v,
-        lambda: (*qkv(), torch.rand(B, 1, L, L) > 0.9), replaced=0, missed="mask_tensor"),
+    Case("neg_additive_mask_scaled_after", lambda q, k, v, m: torch.softmax((q @ k.transpose(-2, -1) + m) * 0.5,
+         -1) @ v, lambda: (*qkv(), rand(B, 1, 1, L)), replaced=0, missed="scale"),
+    Case("neg_additive_mask_fp16", lambda q, k, v, m: torch.softmax(q @ k.transpose(-2, -1) + m, -1) @ v,
+         lambda: (*qkv(dtype=torch.float16), rand(B, 1, 1, L).half()), replaced=0, missed="mask_tensor"),
+    Case("neg_mask_not_broadcastable", lambda q, k, v, m: torch.softmax(q @ k.transpose(-2, -1) + m, -1)[..., :1]
+         * v, lambda: (*qkv(), rand(B, 1, 1, L)), replaced=0, missed="not_attention"),
     Case("neg_negative_scale_after_mask", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
         causal_bool(L), float("-inf")) * -0.5, -1) @ v, qkv, replaced=0, missed="scale"),
     Case("neg_fill_not_minus_inf", lambda q, k, v: torch.softmax(
         (q @ k.transpose(-2, -1)).masked_fill(causal_bool(L), -1e4), -1) @ v, qkv, replaced=0, missed="mask_tensor"),
-    Case("neg_anti_causal", lambda q, k, v: torch.softmax(torch.where(
-        torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"), q @ k.transpose(-2, -1)), -1) @ v, qkv,
-        replaced=0, missed="mask_tensor"),
+    Case("anti_causal_loaded_as_mask", lambda q, k, v: torch.softmax(torch.where(
+        torch.ones(L, L, dtype=torch.bool).tril(-1), float("-inf"), q @ k.transpose(-2, -1)), -1) @ v, qkv),
     Case("neg_bottom_right_more_queries", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
         torch.ones(L, 5, dtype=torch.bool).triu(5 - L + 1), float("-inf")), -1) @ v, lambda: qkv(lk=5),
         replaced=0, missed="mask_tensor"),
     Case("neg_dropout_training", Dropout(0.1), qkv, replaced=0, missed="dropout_training", training=True),
-    Case("neg_index_comparison_and_padding", lambda q, k, v, pad: F.scaled_dot_product_attention(q, k, v, attn_mask=(
-        torch.arange(L)[None, None, None, :] <= torch.arange(L)[None, None, :, None]) & pad[:, None, None, :]),
-        lambda: (*qkv(), torch.arange(L)[None, :].expand(B, L) >= torch.tensor([[0], [3]])), replaced=0,
-        missed="mask_tensor"),
-    Case("neg_index_comparison_broadcast_row", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
-        torch.arange(L)[None, :] > torch.arange(1)[:, None], float("-inf")), -1) @ v, qkv, replaced=0,
-        missed="mask_tensor"),
-    Case("neg_index_comparison_expanded_row", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) + torch.where(
+    Case("index_comparison_broadcast_row_loaded", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
+        torch.arange(L)[None, :] > torch.arange(1)[:, None], float("-inf")), -1) @ v, qkv),
+    Case("index_comparison_expanded_row_loaded", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) + torch.where(
         (torch.arange(L)[None, :] <= torch.arange(1)[:, None]).expand(L, L), torch.zeros(()), float("-inf")),
-        -1) @ v, qkv, replaced=0, missed="mask_tensor"),
-    Case("neg_index_comparison_wrong_direction", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
-        torch.arange(L)[None, :] < torch.arange(L)[:, None], float("-inf")), -1) @ v, qkv, replaced=0,
-        missed="mask_tensor"),
-    Case("neg_sdpa_mask", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-         lambda: (*qkv(), rand(B, 1, L, L)), replaced=0, missed="mask_tensor"),
+        -1) @ v, qkv),
+    Case("index_comparison_wrong_direction_loaded", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
+        torch.arange(L)[None, :] < torch.arange(L)[:, None], float("-inf")), -1) @ v, qkv),
     Case("neg_sdpa_dropout", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2), qkv,
          replaced=0, missed="dropout_training"),
     Case("neg_per_head_scale_tensor", lambda q, k, v, s: torch.softmax(q @ k.transpose(-2, -1) * s, -1) @ v,
@@ -562,3 +578,22 @@ def test_backend_entry_point_without_import():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_loaded_mask_keeps_nan_rows_of_a_plain_softmax():
+    """A hand-written softmax over a row of -inf gives NaN; the rewrite loads the mask tensor and gives NaN in
+    exactly those rows too (SDPA calls keep SDPA's 0, tested elsewhere)."""
+    q, k, v = qkv()
+    mask = torch.rand(B, 1, L, L) > 0.5
+    mask[:, :, 3] = True  # row 3 masks every key
+
+    def f(q, k, v, m):
+        return torch.softmax((q @ k.transpose(-2, -1)).masked_fill(m, float("-inf")), -1) @ v
+
+    torch._dynamo.reset()
+    counters.clear()
+    ours = torch.compile(f, backend=_rewriting_backend(Settings()), fullgraph=True)(q, k, v, mask)
+    eager = f(q, k, v, mask)
+    assert counters["fa_inductor"]["replaced"] == 1
+    assert torch.equal(torch.isnan(ours), torch.isnan(eager)) and torch.isnan(eager[:, :, 3]).all()
+    torch.testing.assert_close(ours, eager, atol=2e-5, rtol=2e-5, equal_nan=True)

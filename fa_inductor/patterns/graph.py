@@ -34,7 +34,7 @@ _FUNCTIONS = {
     torch.logical_not: "logical_not", torch.transpose: "transpose", torch.permute: "permute",
     torch.reshape: "reshape", torch.repeat_interleave: "repeat_interleave", torch.unsqueeze: "unsqueeze",
     F.dropout: "dropout", torch.dropout: "dropout",
-    F.scaled_dot_product_attention: "sdpa",
+    F.scaled_dot_product_attention: "sdpa", torch.tanh: "tanh", F.tanh: "tanh",
 }
 
 _METHODS = {
@@ -46,7 +46,7 @@ _METHODS = {
     "type_as": "cast", "bool": "cast",
     "transpose": "transpose", "permute": "permute", "view": "reshape", "reshape": "reshape",
     "contiguous": "contiguous", "expand": "expand", "repeat_interleave": "repeat_interleave",
-    "unsqueeze": "unsqueeze", "repeat": "repeat",
+    "unsqueeze": "unsqueeze", "repeat": "repeat", "tanh": "tanh",
     # Under a TorchFunctionMode (e.g. ``with torch.device(...)``) Dynamo records operators as dunder methods.
     "__matmul__": "matmul", "__mul__": "mul", "__rmul__": "mul", "__add__": "add", "__radd__": "add",
     "__sub__": "sub", "__eq__": "eq", "__getitem__": "getitem",

@@ -61,6 +61,10 @@ class AttentionMatch:
     form: str
     family: str
     nodes: list                     # pattern nodes, removable once unused
+    mask: Optional[Node] = None     # a mask tensor the op loads: boolean (True = attend) or additive float
+    mask_invert: bool = False       # ``mask`` is True where masked: the op gets logical_not(mask)
+    nan_empty_rows: bool = False    # a plain softmax over a row of -inf gives NaN: so must the replacement
+    softcap: float = 0.0            # Gemma 2 logit capping, cap * tanh(scores / cap), before the mask
 
 
 # --- anchors ----------------------------------------------------------------------------------------------
@@ -243,27 +247,93 @@ def _bottom_right(shift, lengths) -> bool:
                               "most as many queries as keys, are exact)")
 
 
-def _parse_mask(node: Node, scores: Node) -> tuple[Node, int]:
-    """A masking node -> (scores input, causal shift); raises Miss for masks the kernels cannot compute."""
+def _softcap(node: Node):
+    """``cap * tanh(x / cap)`` (or ``tanh(x * (1 / cap)) * cap``) with a positive number cap -> (cap, x, nodes);
+    None for anything else."""
+    a, b = node.args
+    tanh_node, cap = (a, _scalar(b)) if isinstance(a, Node) and kind(a) == "tanh" else (b, _scalar(a))
+    if not isinstance(tanh_node, Node) or kind(tanh_node) != "tanh" or not isinstance(cap, float) or cap <= 0:
+        return None
+    inner = tanh_node.args[0]
+    if not isinstance(inner, Node) or kind(inner) not in ("mul", "div") or len(inner.args) != 2:
+        return None
+    x, factor = inner.args
+    factor = _scalar(factor)
+    if not isinstance(factor, float) or not isinstance(x, Node):
+        return None
+    divisor = factor if kind(inner) == "div" else (1.0 / factor if factor else 0.0)
+    if not math.isclose(divisor, cap, rel_tol=1e-6):
+        return None
+    if only_user(tanh_node) is None or only_user(inner) is None:
+        raise Miss("intermediate_reused", "the capped scores are used outside the attention")
+    return cap, x, [node, tanh_node, inner]
+
+
+def _loadable(mask, scores_shape, boolean: bool) -> bool:
+    """Whether ``mask`` is a tensor the op can load as it is: boolean (or floating, for an additive bias) and
+    broadcastable to the scores without growing them."""
+    ev = value(mask) if isinstance(mask, Node) else None
+    if not isinstance(ev, torch.Tensor) or (ev.dtype == torch.bool) != boolean:
+        return False
+    if not boolean and not ev.is_floating_point():
+        return False
+    try:
+        return len(ev.shape) <= len(scores_shape) and all(
+            static_eq(a, b) for a, b in zip(torch.broadcast_shapes(ev.shape, scores_shape), scores_shape))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _reaches_product(node, steps: int = 8) -> bool:
+    """``node`` is (casts, scales and masks above) a score product: the scores side of an addition."""
+    for _ in range(steps):
+        if not isinstance(node, Node):
+            return False
+        k = kind(node)
+        if k in MATMULS:
+            return True
+        if k not in ("cast", "mul", "div", "masked_fill", "where", "add"):
+            return False
+        node = node.args[0] if k != "where" else node.args[1]
+    return False
+
+
+def _parse_mask(node: Node, scores: Node):
+    """A masking node -> (scores input, causal shift or None, (mask tensor, invert) or None).  Provably causal
+    masks become the causal flag; other -inf masks and additive biases are loaded as tensors; anything else
+    raises Miss."""
     k = kind(node)
+    shape = tuple(value(scores).shape)
     if k == "masked_fill":
         target, mask, fill = node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
         if not _fill_is_minus_inf(fill):
             raise Miss("mask_tensor", f"masked_fill with {fill!r}: only -inf / finfo.min fills are exact")
-        return target, _causal_shift(mask, True, scores)
+        try:
+            return target, _causal_shift(mask, True, scores), None
+        except Miss:
+            if fill == -math.inf and _loadable(mask, shape, boolean=True):
+                return target, None, (mask, True)
+            raise
     if k == "where":
         cond, a, b = node.args[:3]
         if isinstance(a, Node) and not isinstance(b, Node) and _fill_is_minus_inf(b):
-            return a, _causal_shift(cond, False, scores)
-        if isinstance(b, Node) and not isinstance(a, Node) and _fill_is_minus_inf(a):
-            return b, _causal_shift(cond, True, scores)
-        raise Miss("mask_tensor", "torch.where mask with a non -inf fill")
-    # additive: scores + triu(full(-inf), 1), or scores + where(causal, 0, finfo.min)
+            target, masked_where_true, fill = a, False, b
+        elif isinstance(b, Node) and not isinstance(a, Node) and _fill_is_minus_inf(a):
+            target, masked_where_true, fill = b, True, a
+        else:
+            raise Miss("mask_tensor", "torch.where mask with a non -inf fill")
+        try:
+            return target, _causal_shift(cond, masked_where_true, scores), None
+        except Miss:
+            if fill == -math.inf and _loadable(cond, shape, boolean=True):
+                return target, None, (cond, masked_where_true)
+            raise
+    # additive: scores + triu(full(-inf), 1), or scores + where(causal, 0, finfo.min), or any bias tensor
     a, b = node.args[:2]
-    mask_node, target = (b, a) if value(a) is not None and value(a).shape == value(node).shape else (a, b)
+    mask_node, target = (a, b) if _reaches_product(b) and not _reaches_product(a) else (b, a)
     shift = _additive_comparison(mask_node, tuple(value(scores).shape[-2:]))
     if shift is not None:
-        return target, shift
+        return target, shift, None
     tri = _unwrap_views(mask_node)
     if kind(tri) == "triu" and kind(tri.args[0]) == "full" and _fill_is_minus_inf(arg(tri.args[0], 1, "fill_value")):
         ev = value(tri.args[0])
@@ -271,8 +341,14 @@ def _parse_mask(node: Node, scores: Node) -> tuple[Node, int]:
         if ev.dim() == 2 and static_eq(ev.shape[0], rows) and static_eq(ev.shape[1], cols):
             diagonal = arg(tri, 1, "diagonal", 0)
             if isinstance(diagonal, int):
-                return target, diagonal - 1
-    raise Miss("mask_tensor", "additive mask tensor; tensor masks are not supported by the kernels yet")
+                return target, diagonal - 1, None
+    if _loadable(mask_node, shape, boolean=False):
+        if value(node).dtype == torch.float16:
+            # Eager adds in fp16, where a finite mask does not swamp the scores of a fully masked row; the
+            # kernels add in fp32 (math SDPA's precision), so such rows would differ.
+            raise Miss("mask_tensor", "additive mask on fp16 scores (eager rounds the masked scores in fp16)")
+        return target, None, (mask_node, False)
+    raise Miss("mask_tensor", "additive operand that is not a floating mask broadcastable to the scores")
 
 
 # --- the score product ------------------------------------------------------------------------------------
@@ -476,6 +552,7 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
     # Upward: casts, scales, masks, down to the score product.  (A hand-written softmax reads its input twice;
     # _manual_softmax_input has checked that those are its only users.)
     node, scales, scale_tensors, shift, checked = x, [], [], None, manual is not None
+    tensor_mask, softcap = None, 0.0
     while True:
         if not checked and only_user(node) is None:
             raise Miss("intermediate_reused", f"the scores ({node.name}) are used outside the attention")
@@ -485,6 +562,14 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
             parts.append("cast_scores")
             nodes.append(node)
             node = node.args[0]
+        elif k == "mul" and len(node.args) == 2 and _softcap(node) is not None:
+            cap, inner, cap_nodes = _softcap(node)
+            if softcap or scales or scale_tensors:
+                raise Miss("scale", "a scale or a second cap applied after logit capping")
+            softcap = cap
+            parts.append("softcap")
+            nodes.extend(cap_nodes)
+            node = inner
         elif k in ("mul", "div") and len(node.args) == 2:
             a, b = node.args
             sa, sb = _scalar(a), _scalar(b)
@@ -502,13 +587,15 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
             nodes.append(node)
             node = node_next
         elif k in ("masked_fill", "where", "add"):
-            if shift is not None:
+            if shift is not None or tensor_mask is not None:
                 raise Miss("mask_tensor", "more than one mask")
             # Scales met so far were applied after this mask: -inf * c must stay -inf.
             if scale_tensors or any(c <= 0 for c in scales):
                 raise Miss("scale", "a scale applied after the mask must be a positive number")
-            node_next, shift = _parse_mask(node, node)
-            parts.append("causal_mask")
+            node_next, shift, tensor_mask = _parse_mask(node, node)
+            if tensor_mask is not None and k == "add" and any(c != 1.0 for c in scales):
+                raise Miss("scale", "a scale applied after an additive mask scales the mask too")
+            parts.append("causal_mask" if shift is not None else "bool_mask" if k != "add" else "additive_mask")
             nodes.append(node)
             node = node_next
         elif k in MATMULS:
@@ -571,7 +658,9 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
     return AttentionMatch(out=out, query=q, key=key, key_needs_transpose=key_needs_transpose, value=v,
                           scale=scale, scale_tensors=scale_tensors, is_causal=is_causal, bottom_right=bottom_right,
                           enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts, cast_to=cast_to, form=form,
-                          family=family, nodes=nodes + [out])
+                          family=family, nodes=nodes + [out], mask=tensor_mask[0] if tensor_mask else None,
+                          mask_invert=bool(tensor_mask and tensor_mask[1]), nan_empty_rows=tensor_mask is not None,
+                          softcap=softcap)
 
 
 def _sdpa_mask_shift(mask, lengths):
@@ -591,14 +680,24 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
                                     arg(anchor, 7, "enable_gqa", False))
     parts = ["sdpa"]
     bottom_right = False
+    tensor_mask = None
     if mask is not None:
         lengths = (value(q).shape[-2], value(k).shape[-2])
         shift = _sdpa_mask_shift(mask, lengths)
-        if shift is None or is_causal:
-            raise Miss("mask_tensor", "SDPA attn_mask tensors are not supported by the kernels yet", "sdpa")
-        bottom_right = _bottom_right(shift, lengths)
-        is_causal = True
-        parts.append("causal_mask")
+        if is_causal:
+            raise Miss("mask_tensor", "SDPA with both attn_mask and is_causal (an error in eager)", "sdpa")
+        if shift is not None:
+            bottom_right = _bottom_right(shift, lengths)
+            is_causal = True
+            parts.append("causal_mask")
+        else:
+            scores_shape = tuple(value(q).shape[:-1]) + (lengths[1],)
+            boolean = isinstance(mask, Node) and value(mask) is not None and value(mask).dtype == torch.bool
+            if not _loadable(mask, scores_shape, boolean):
+                raise Miss("mask_tensor", "SDPA attn_mask that is not a bool/float tensor broadcastable to the "
+                                          "scores", "sdpa")
+            tensor_mask = mask
+            parts.append("bool_mask" if boolean else "additive_mask")
     if not isinstance(dropout_p, SCALAR_TYPES) or dropout_p != 0:
         raise Miss("dropout_training", f"SDPA dropout_p={dropout_p}: not in the kernels yet", "sdpa")
     scale_tensors = []
@@ -626,4 +725,4 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
                           is_causal=is_causal,
                           bottom_right=bottom_right, enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts,
                           cast_to=cast_to, form=form, family="sdpa",
-                          nodes=[anchor])
+                          nodes=[anchor], mask=tensor_mask)

@@ -135,9 +135,9 @@ CASES = [
         q @ k.transpose(-2, -1) * 0.25 + _index_mask(q, k)[:, :, :, :k.shape[-2]], -1, dtype=torch.float32)
         .to(q.dtype) @ v, lambda: qkv(lq=5)),
     Case("index_comparison_masked_fill_gt", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
-        torch.arange(L)[None, :] > torch.arange(L)[:, None], float("-inf")), -1) @ v, qkv),
+        torch.arange(L, device=q.device)[None, :] > torch.arange(L, device=q.device)[:, None], float("-inf")), -1) @ v, qkv),
     Case("sdpa_index_comparison_bool_mask", lambda q, k, v: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=torch.arange(L)[None, None, None, :] <= torch.arange(L)[None, None, :, None]), qkv),
+        q, k, v, attn_mask=torch.arange(L, device=q.device)[None, None, None, :] <= torch.arange(L, device=q.device)[None, None, :, None]), qkv),
     # --- dropout
     Case("dropout_module_eval", Dropout(), qkv),
     Case("functional_dropout_eval", lambda q, k, v: F.dropout(torch.softmax(
@@ -183,7 +183,7 @@ CASES = [
         torch.where(m, q @ k.transpose(-2, -1), float("-inf")), -1) @ v,
         lambda: (*qkv(), (torch.rand(1, 1, L, L) > 0.3) | torch.eye(L, dtype=torch.bool))),
     Case("hf_padding_bias", lambda q, k, v, pad: torch.softmax(q @ k.transpose(-2, -1) * 0.25 + torch.where(
-        pad[:, None, None, :], 0.0, torch.finfo(torch.float32).min), -1) @ v,
+        pad[:, None, None, :], 0.0, torch.finfo(q.dtype).min).to(q.dtype), -1) @ v,
         lambda: (*qkv(), torch.arange(L)[None, :] < torch.tensor([[L], [L - 5]]))),
     Case("softcap_then_mask", lambda q, k, v, m: torch.softmax(
         torch.tanh(q @ k.transpose(-2, -1) * 0.25 / 2.0) * 2.0 + m, -1) @ v, lambda: (*qkv(), rand(B, 1, 1, L))),
@@ -193,7 +193,7 @@ CASES = [
     Case("sdpa_float_mask", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
          lambda: (*qkv(), rand(B, 1, L, L))),
     Case("sdpa_causal_and_padding", lambda q, k, v, pad: F.scaled_dot_product_attention(q, k, v, attn_mask=(
-        torch.arange(L)[None, None, None, :] <= torch.arange(L)[None, None, :, None]) & pad[:, None, None, :]),
+        torch.arange(L, device=q.device)[None, None, None, :] <= torch.arange(L, device=q.device)[None, None, :, None]) & pad[:, None, None, :]),
         lambda: (*qkv(), torch.arange(L)[None, :].expand(B, L) >= torch.tensor([[0], [3]]))),
     # --- must be left alone
     Case("neg_softmax_over_queries", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1), dim=-2) @ v, qkv,
@@ -224,12 +224,12 @@ CASES = [
         replaced=0, missed="mask_tensor"),
     Case("neg_dropout_training", Dropout(0.1), qkv, replaced=0, missed="dropout_training", training=True),
     Case("index_comparison_broadcast_row_loaded", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
-        torch.arange(L)[None, :] > torch.arange(1)[:, None], float("-inf")), -1) @ v, qkv),
+        torch.arange(L, device=q.device)[None, :] > torch.arange(1, device=q.device)[:, None], float("-inf")), -1) @ v, qkv),
     Case("index_comparison_expanded_row_loaded", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) + torch.where(
-        (torch.arange(L)[None, :] <= torch.arange(1)[:, None]).expand(L, L), torch.zeros(()), float("-inf")),
+        (torch.arange(L, device=q.device)[None, :] <= torch.arange(1, device=q.device)[:, None]).expand(L, L), torch.zeros(()), float("-inf")),
         -1) @ v, qkv),
     Case("index_comparison_wrong_direction_loaded", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
-        torch.arange(L)[None, :] < torch.arange(L)[:, None], float("-inf")), -1) @ v, qkv),
+        torch.arange(L, device=q.device)[None, :] < torch.arange(L, device=q.device)[:, None], float("-inf")), -1) @ v, qkv),
     Case("neg_sdpa_dropout", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2), qkv,
          replaced=0, missed="dropout_training"),
     Case("neg_per_head_scale_tensor", lambda q, k, v, s: torch.softmax(q @ k.transpose(-2, -1) * s, -1) @ v,
@@ -264,8 +264,8 @@ def _index_mask(q, k):
     """The way transformers 5.x builds a causal mask in the graph: index comparisons with a cache offset, then
     an additive float mask."""
     lq, lk = q.shape[-2], k.shape[-2]
-    q_idx = (torch.arange(lq) + (lk - lq))[None, None, :, None]
-    kv_idx = torch.arange(lk)[None, None, None, :]
+    q_idx = (torch.arange(lq, device=q.device) + (lk - lq))[None, None, :, None]
+    kv_idx = torch.arange(lk, device=q.device)[None, None, None, :]
     keep = (kv_idx <= q_idx).expand(q.shape[0], -1, lq, lk)
     return torch.where(keep, torch.zeros(()), torch.finfo(q.dtype).min)
 

@@ -183,7 +183,7 @@ CASES = [
         torch.where(m, q @ k.transpose(-2, -1), float("-inf")), -1) @ v,
         lambda: (*qkv(), (torch.rand(1, 1, L, L) > 0.3) | torch.eye(L, dtype=torch.bool))),
     Case("hf_padding_bias", lambda q, k, v, pad: torch.softmax(q @ k.transpose(-2, -1) * 0.25 + torch.where(
-        pad[:, None, None, :], 0.0, torch.finfo(q.dtype).min).to(q.dtype), -1) @ v,
+        pad[:, None, None, :], torch.zeros((), dtype=q.dtype), torch.finfo(q.dtype).min), -1) @ v,
         lambda: (*qkv(), torch.arange(L)[None, :] < torch.tensor([[L], [L - 5]]))),
     Case("softcap_then_mask", lambda q, k, v, m: torch.softmax(
         torch.tanh(q @ k.transpose(-2, -1) * 0.25 / 2.0) * 2.0 + m, -1) @ v, lambda: (*qkv(), rand(B, 1, 1, L))),
@@ -226,7 +226,7 @@ CASES = [
     Case("index_comparison_broadcast_row_loaded", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
         torch.arange(L, device=q.device)[None, :] > torch.arange(1, device=q.device)[:, None], float("-inf")), -1) @ v, qkv),
     Case("index_comparison_expanded_row_loaded", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) + torch.where(
-        (torch.arange(L, device=q.device)[None, :] <= torch.arange(1, device=q.device)[:, None]).expand(L, L), torch.zeros(()), float("-inf")),
+        (torch.arange(L, device=q.device)[None, :] <= torch.arange(1, device=q.device)[:, None]).expand(L, L), torch.zeros((), dtype=q.dtype), float("-inf")),
         -1) @ v, qkv),
     Case("index_comparison_wrong_direction_loaded", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
         torch.arange(L, device=q.device)[None, :] < torch.arange(L, device=q.device)[:, None], float("-inf")), -1) @ v, qkv),
@@ -267,7 +267,7 @@ def _index_mask(q, k):
     q_idx = (torch.arange(lq, device=q.device) + (lk - lq))[None, None, :, None]
     kv_idx = torch.arange(lk, device=q.device)[None, None, None, :]
     keep = (kv_idx <= q_idx).expand(q.shape[0], -1, lq, lk)
-    return torch.where(keep, torch.zeros(()), torch.finfo(q.dtype).min)
+    return torch.where(keep, torch.zeros((), dtype=q.dtype), torch.finfo(q.dtype).min)
 
 
 def _with_weights(q, k, v):

@@ -50,6 +50,7 @@ _METHODS = {
     # Under a TorchFunctionMode (e.g. ``with torch.device(...)``) Dynamo records operators as dunder methods.
     "__matmul__": "matmul", "__mul__": "mul", "__rmul__": "mul", "__add__": "add", "__radd__": "add",
     "__sub__": "sub", "__eq__": "eq", "__getitem__": "getitem",
+    "__itruediv__": "div", "__imul__": "mul", "__iadd__": "add", "div_": "div", "mul_": "mul", "add_": "add",
 }
 
 

@@ -87,6 +87,9 @@ def _more_models():
                            eos_token_id=2), ids),
         "gemma": (causal_lm(t.GemmaConfig, t.GemmaForCausalLM, num_key_value_heads=1, head_dim=16), ids),
         "qwen3": (causal_lm(t.Qwen3Config, t.Qwen3ForCausalLM, num_key_value_heads=2, head_dim=16), ids),
+        # sliding window 8 < 24 tokens: the window mask transformers builds is loaded by the op as a tensor
+        "mistral_sliding": (causal_lm(t.MistralConfig, t.MistralForCausalLM, num_key_value_heads=2, sliding_window=8),
+                            ids),
         "vit": (lambda impl: t.ViTModel(t.ViTConfig(image_size=32, patch_size=8, attn_implementation=impl,
                                                      **{k: v for k, v in small.items() if k != "vocab_size"})),
                 lambda: (torch.randn(2, 3, 32, 32),)),
@@ -100,6 +103,33 @@ def _more_models():
 
 
 SITES = {"bart": 3}
+
+
+def _t5(impl):
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, dropout_rate=0.0,
+        attn_implementation=impl))
+
+
+def test_t5_relative_position_bias_with_gradient():
+    """T5 (sdpa): the relative position bias is an additive mask the op loads, with its gradient flowing back to
+    the learned bias embedding; encoder, decoder self- and cross-attention are all replaced."""
+    torch.manual_seed(0)
+    model = _t5("sdpa").train()
+    ids, dec = torch.randint(3, 128, (2, 24)), torch.randint(3, 128, (2, 10))
+    torch._dynamo.reset()
+    counters.clear()
+    loss = torch.compile(model, backend=_rewriting_backend)(input_ids=ids, decoder_input_ids=dec, labels=dec).loss
+    loss.backward()
+    assert counters["fa_inductor"]["replaced"] == 3, dict(counters["fa_inductor"])
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(input_ids=ids, decoder_input_ids=dec, labels=dec).loss.backward()
+    bias_grads = [n for n in grads if "relative_attention_bias" in n]
+    assert bias_grads and all(grads[n].abs().sum() > 0 for n in bias_grads)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -206,11 +206,11 @@ def test_unregister_removes_the_name(registered):
 
 
 @pytest.mark.parametrize("impl, cache, all_replaced", [("eager", "dynamic", True), ("sdpa", "dynamic", True),
-                                                       ("sdpa", "static", False)])
+                                                       ("sdpa", "static", True)])
 def test_generate_compiled_matches_eager(impl, cache, all_replaced):
-    """Greedy generation through the fa_inductor backend gives eager's tokens (fp32).  With a dynamic cache
-    every prefill and decode site is replaced (the prefill mask is lifted to the causal flag); a static cache's
-    mask also bounds the keys by the filled cache length, a key-length mask the kernels do not have yet."""
+    """Greedy generation through the fa_inductor backend gives eager's tokens (fp32), with every prefill and
+    decode site replaced.  With a dynamic cache the prefill mask is lifted to the causal flag; a static cache's
+    mask also bounds the keys by the filled cache length, so the op loads it as a boolean tensor."""
     model = tiny("llama", impl)
     ids = torch.randint(0, 128, (1, 12))
     kwargs = dict(max_new_tokens=6, do_sample=False)

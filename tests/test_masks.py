@@ -111,10 +111,12 @@ def run_masked(device, dtype, batch, heads, kv_heads, m, n, d, *, is_causal=Fals
 
 
 # --- cases -------------------------------------------------------------------------------------------------
-# (batch, heads, kv_heads, M, N, D) for the interpreter: GQA 2:1, lengths not multiples of the 16-row tiles.
-CPU_SHAPE = (2, 2, 1, 33, 40, 16)
+# (batch, heads, kv_heads, M, N, D) for the interpreter: GQA 2:1, lengths not multiples of the 16-row tiles
+# (two query tiles, two key tiles: every stage and boundary of the kernels' loops is exercised).
+CPU_SHAPE = (2, 2, 1, 21, 27, 16)
+CPU_FULL = (2, 2, 21, 27)
 
-BIAS_SHAPES = [tuple(full if keep else 1 for keep, full in zip(flags, (2, 2, 33, 40)))
+BIAS_SHAPES = [tuple(full if keep else 1 for keep, full in zip(flags, CPU_FULL))
                for flags in itertools.product((False, True), repeat=4)]
 
 CASES = {
@@ -126,25 +128,25 @@ CASES = {
     "window_bottom_right": dict(window=(6, 0), bottom_right=True),
     "window_wider_than_sequence": dict(window=(500, 500)),
     "window_zero": dict(window=(0, 0)),
-    "seqlens_k": dict(seqlens_k=[27, 40]),
-    "seqlens_q": dict(seqlens_q=[20, 33]),
-    "seqlens_all_masked_batch": dict(seqlens_k=[0, 17], seqlens_q=[33, 0]),
-    "seqlens_causal_bottom_right": dict(seqlens_q=[12, 33], seqlens_k=[30, 40], is_causal=True, bottom_right=True),
-    "seqlens_window_bias": dict(seqlens_k=[35, 22], window=(9, 2), bias_shape=(2, 1, 1, 40)),
-    "bool_mask": dict(bias_shape=(2, 1, 33, 40), bias_kind="bool"),
-    "bool_mask_causal": dict(bias_shape=(1, 2, 33, 40), bias_kind="bool", is_causal=True),
-    "neg_inf_bias": dict(bias_shape=(2, 2, 33, 40), bias_kind="neg_inf"),
-    "finfo_min_padding_rows": dict(bias_shape=(2, 1, 33, 40), bias_kind="finfo_min"),
+    "seqlens_k": dict(seqlens_k=[19, 27]),
+    "seqlens_q": dict(seqlens_q=[13, 21]),
+    "seqlens_all_masked_batch": dict(seqlens_k=[0, 17], seqlens_q=[21, 0]),
+    "seqlens_causal_bottom_right": dict(seqlens_q=[12, 21], seqlens_k=[20, 27], is_causal=True, bottom_right=True),
+    "seqlens_window_bias": dict(seqlens_k=[25, 15], window=(9, 2), bias_shape=(2, 1, 1, 27)),
+    "bool_mask": dict(bias_shape=(2, 1, 21, 27), bias_kind="bool"),
+    "bool_mask_causal": dict(bias_shape=(1, 2, 21, 27), bias_kind="bool", is_causal=True),
+    "neg_inf_bias": dict(bias_shape=(2, 2, 21, 27), bias_kind="neg_inf"),
+    "finfo_min_padding_rows": dict(bias_shape=(2, 1, 21, 27), bias_kind="finfo_min"),
     # padding biases: the kernels skip the key blocks past the last live key (masking.bias_key_bounds)
-    "padding_bool_key_bounds": dict(bias_shape=(2, 1, 1, 40), bias_kind="padding_bool"),
-    "padding_neg_inf_key_bounds": dict(bias_shape=(2, 2, 1, 40), bias_kind="padding_neg_inf"),
-    "padding_finfo_min_key_bounds": dict(bias_shape=(2, 1, 1, 40), bias_kind="finfo_min"),
-    "padding_key_bounds_causal": dict(bias_shape=(2, 1, 1, 40), bias_kind="padding_bool", is_causal=True),
-    "padding_key_bounds_softcap": dict(bias_shape=(2, 1, 1, 40), bias_kind="padding_neg_inf", softcap=2.0),
+    "padding_bool_key_bounds": dict(bias_shape=(2, 1, 1, 27), bias_kind="padding_bool"),
+    "padding_neg_inf_key_bounds": dict(bias_shape=(2, 2, 1, 27), bias_kind="padding_neg_inf"),
+    "padding_finfo_min_key_bounds": dict(bias_shape=(2, 1, 1, 27), bias_kind="finfo_min"),
+    "padding_key_bounds_causal": dict(bias_shape=(2, 1, 1, 27), bias_kind="padding_bool", is_causal=True),
+    "padding_key_bounds_softcap": dict(bias_shape=(2, 1, 1, 27), bias_kind="padding_neg_inf", softcap=2.0),
     "softcap": dict(softcap=2.5),
-    "softcap_bias_causal": dict(softcap=2.0, bias_shape=(1, 2, 33, 40), is_causal=True),
+    "softcap_bias_causal": dict(softcap=2.0, bias_shape=(1, 2, 21, 27), is_causal=True),
     "dropout": dict(dropout_p=0.3),
-    "dropout_causal_bias": dict(dropout_p=0.2, is_causal=True, bias_shape=(2, 1, 1, 40)),
+    "dropout_causal_bias": dict(dropout_p=0.2, is_causal=True, bias_shape=(2, 1, 1, 27)),
     "dropout_all": dict(dropout_p=1.0),
     "negative_scale_masked": dict(scale=-0.3, window=(4, 4)),
 }
@@ -161,14 +163,14 @@ def test_cpu_cases(name):
 
 
 def test_cpu_bf16_bias_window():
-    run_masked("cpu", torch.bfloat16, *CPU_SHAPE, bias_shape=(2, 2, 33, 40), window=(8, 0))
+    run_masked("cpu", torch.bfloat16, *CPU_SHAPE, bias_shape=(2, 2, 21, 27), window=(8, 0))
 
 
 SPARSE_CASES = {
     "broadcast_heads": dict(mask_shape=(2, 1)),
     "per_head": dict(mask_shape=(2, 2)),
     "causal": dict(mask_shape=(1, 2), is_causal=True),
-    "window_lengths": dict(mask_shape=(2, 2), window=(20, 3), seqlens_k=[40, 29]),
+    "window_lengths": dict(mask_shape=(2, 2), window=(12, 3), seqlens_k=[27, 19]),
     "empty_rows": dict(mask_shape=(1, 1), density=0.0),
 }
 
@@ -177,9 +179,9 @@ SPARSE_CASES = {
 def test_cpu_block_sparse(name):
     case = dict(SPARSE_CASES[name])
     mask_shape, density = case.pop("mask_shape"), case.pop("density", 0.5)
-    block = 32  # a multiple of the interpreter's 16-row tiles: each sparse block spans 2x2 tiles
+    block = 16  # the interpreter's tile: two query blocks by two key blocks at the CPU lengths
     torch.manual_seed(3)
-    blocks = torch.rand(*mask_shape, math.ceil(33 / block), math.ceil(40 / block)) < density
+    blocks = torch.rand(*mask_shape, math.ceil(21 / block), math.ceil(27 / block)) < density
     run_masked("cpu", torch.float32, *CPU_SHAPE, block_mask=blocks, block_size=block, **case)
 
 

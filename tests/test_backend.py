@@ -222,7 +222,6 @@ CASES = [
     Case("neg_bottom_right_more_queries", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
         torch.ones(L, 5, dtype=torch.bool).triu(5 - L + 1), float("-inf")), -1) @ v, lambda: qkv(lk=5),
         replaced=0, missed="mask_tensor"),
-    Case("neg_dropout_training", Dropout(0.1), qkv, replaced=0, missed="dropout_training", training=True),
     Case("index_comparison_broadcast_row_loaded", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
         torch.arange(L, device=q.device)[None, :] > torch.arange(1, device=q.device)[:, None], float("-inf")), -1) @ v, qkv),
     Case("index_comparison_expanded_row_loaded", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) + torch.where(
@@ -230,8 +229,6 @@ CASES = [
         -1) @ v, qkv),
     Case("index_comparison_wrong_direction_loaded", lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)).masked_fill(
         torch.arange(L, device=q.device)[None, :] < torch.arange(L, device=q.device)[:, None], float("-inf")), -1) @ v, qkv),
-    Case("neg_sdpa_dropout", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2), qkv,
-         replaced=0, missed="dropout_training"),
     Case("neg_per_head_scale_tensor", lambda q, k, v, s: torch.softmax(q @ k.transpose(-2, -1) * s, -1) @ v,
          lambda: (*qkv(), rand(1, H, 1, 1)), replaced=0, missed="not_attention"),
     Case("neg_probs_on_the_right", lambda q, k, v: v.transpose(-2, -1) @ torch.softmax(q @ k.transpose(-2, -1), -1),
@@ -597,3 +594,25 @@ def test_loaded_mask_keeps_nan_rows_of_a_plain_softmax():
     assert counters["fa_inductor"]["replaced"] == 1
     assert torch.equal(torch.isnan(ours), torch.isnan(eager)) and torch.isnan(eager[:, :, 3]).all()
     torch.testing.assert_close(ours, eager, atol=2e-5, rtol=2e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("spelling", ["module_dropout", "sdpa_dropout_p"])
+def test_training_dropout_runs_in_the_kernels(spelling):
+    """Dropout on the probabilities (nn.Dropout in training mode after the softmax, or SDPA's dropout_p) becomes
+    the kernels' dropout: same formula, drawn by their Philox RNG from torch's generator.  The replacement equals
+    ``fa_inductor.scaled_dot_product_attention`` with the same seed, and is random in the usual sense."""
+    q, k, v = (t.requires_grad_() for t in qkv())
+    fn = Dropout(0.3).train() if spelling == "module_dropout" else (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, scale=0.25))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, backend=_rewriting_backend(Settings()), fullgraph=True)
+    torch.manual_seed(7)
+    ours = compiled(q, k, v)
+    assert counters["fa_inductor"]["replaced"] == 1, dict(counters["fa_inductor"])
+    torch.manual_seed(7)
+    expected = fa_inductor.scaled_dot_product_attention(q, k, v, dropout_p=0.3, scale=0.25)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(compiled(q, k, v), ours)  # a fresh draw on the next call
+    grads = torch.autograd.grad(ours.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)

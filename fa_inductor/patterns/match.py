@@ -65,6 +65,7 @@ class AttentionMatch:
     mask_invert: bool = False       # ``mask`` is True where masked: the op gets logical_not(mask)
     nan_empty_rows: bool = False    # a plain softmax over a row of -inf gives NaN: so must the replacement
     softcap: float = 0.0            # Gemma 2 logit capping, cap * tanh(scores / cap), before the mask
+    dropout_p: float = 0.0          # dropout on the probabilities (training), drawn by the kernels' Philox RNG
 
 
 # --- anchors ----------------------------------------------------------------------------------------------
@@ -613,8 +614,8 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
         scales.append(alpha)
     parts.insert(0, kind(matmul))
 
-    # Downward: casts, identity dropout, then the product with V.
-    node = anchor
+    # Downward: casts, dropout, then the product with V.
+    node, dropout_p = anchor, 0.0
     while True:
         user = _single_user(node, "attention probabilities")
         k = kind(user)
@@ -624,8 +625,12 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
             p = arg(user, 1, "p", 0.5)
             training = user.kwargs.get("training", user.kwargs.get("train", user.args[2] if len(user.args) > 2 else True))
             if training and p:
-                raise Miss("dropout_training", f"dropout p={p} in training mode: not in the kernels yet")
-            parts.append("dropout_eval")
+                if not isinstance(training, bool) or not isinstance(p, SCALAR_TYPES) or not 0 < p <= 1 or dropout_p:
+                    raise Miss("dropout_training", f"dropout p={p!r}, training={training!r}: not constants")
+                dropout_p = float(p)
+                parts.append("dropout")
+            else:
+                parts.append("dropout_eval")
         else:
             v = _value_product(user, node)
             if v is None:
@@ -660,7 +665,7 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
                           enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts, cast_to=cast_to, form=form,
                           family=family, nodes=nodes + [out], mask=tensor_mask[0] if tensor_mask else None,
                           mask_invert=bool(tensor_mask and tensor_mask[1]), nan_empty_rows=tensor_mask is not None,
-                          softcap=softcap)
+                          softcap=softcap, dropout_p=dropout_p)
 
 
 def _sdpa_mask_shift(mask, lengths):
@@ -698,8 +703,10 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
                                           "scores", "sdpa")
             tensor_mask = mask
             parts.append("bool_mask" if boolean else "additive_mask")
-    if not isinstance(dropout_p, SCALAR_TYPES) or dropout_p != 0:
-        raise Miss("dropout_training", f"SDPA dropout_p={dropout_p}: not in the kernels yet", "sdpa")
+    if not isinstance(dropout_p, SCALAR_TYPES) or isinstance(dropout_p, bool) or not 0 <= dropout_p <= 1:
+        raise Miss("dropout_training", f"SDPA dropout_p={dropout_p!r} is not a constant in [0, 1]", "sdpa")
+    if dropout_p:
+        parts.append("dropout")
     scale_tensors = []
     if isinstance(scale, Node) and isinstance(value(scale), torch.SymFloat):
         scale_tensors, scale = [("mul", scale)], 1.0  # a symbolic float scale is folded into the query
@@ -725,4 +732,4 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
                           is_causal=is_causal,
                           bottom_right=bottom_right, enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts,
                           cast_to=cast_to, form=form, family="sdpa",
-                          nodes=[anchor], mask=tensor_mask)
+                          nodes=[anchor], mask=tensor_mask, dropout_p=float(dropout_p))

@@ -53,7 +53,8 @@ def _apply(gm: GraphModule, m: AttentionMatch) -> None:
         fused = graph.call_function(flash_attention, (query, key, value),
                                     {"scale": m.scale, "is_causal": m.is_causal, "bottom_right": m.bottom_right,
                                      "enable_gqa": m.enable_gqa, "gqa_tiled": m.gqa_tiled, "attn_mask": mask,
-                                     "nan_empty_rows": m.nan_empty_rows, "softcap": m.softcap})
+                                     "nan_empty_rows": m.nan_empty_rows, "softcap": m.softcap,
+                                     "dropout_p": m.dropout_p})
     for name in ("stack_trace", "example_value", "nn_module_stack", "source_fn_stack"):
         if name in m.out.meta:
             fused.meta[name] = m.out.meta[name]

@@ -148,12 +148,10 @@ def _validate_extensions(query: Tensor, window_size, key_lengths, query_lengths,
         raise TypeError(f"scaled_dot_product_attention: bottom_right must be a bool, got {bottom_right!r}")
 
 
-def _validate_mask(query: Tensor, key: Tensor, attn_mask, enable_gqa: bool) -> None:
+def _validate_mask(query: Tensor, key: Tensor, attn_mask) -> None:
     if not isinstance(attn_mask, Tensor) or _causal_bias_variant(attn_mask) is not None:
         return
-    heads = query.shape[-3] if query.dim() >= 3 else 1
-    target = (*query.shape[:-3], heads, query.shape[-2], key.shape[-2]) if query.dim() >= 3 else (
-        query.shape[-2], key.shape[-2])
+    target = (*query.shape[:-1], key.shape[-2])  # [..., H, M, N]
     try:
         if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
             raise RuntimeError
@@ -198,7 +196,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _validate_extensions(query, window_size, key_lengths, query_lengths, softcap, bottom_right)
-    _validate_mask(query, key, attn_mask, enable_gqa)
+    _validate_mask(query, key, attn_mask)
     return _dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
                      key_lengths, query_lengths, softcap, bottom_right, None, SPARSE_BLOCK)
 
@@ -221,7 +219,7 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, block_mask
     """
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _validate_extensions(query, window_size, key_lengths, query_lengths, softcap, bottom_right)
-    _validate_mask(query, key, attn_mask, enable_gqa)
+    _validate_mask(query, key, attn_mask)
     if not isinstance(block_mask, Tensor) or block_mask.dtype != torch.bool:
         raise TypeError("block_sparse_attention: block_mask must be a boolean tensor")
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):

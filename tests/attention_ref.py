@@ -58,13 +58,8 @@ def dense_visible(n_queries, n_keys, *, is_causal=False, bottom_right=False, win
     return visible
 
 
-def _ref_scores(q, k, v, scale, is_causal, bottom_right, upcast, bias, window, seqlens_q, seqlens_k, softcap,
-                block_mask, block_size):
-    """Masked scores [B, H, M, N] and the values repeated to the query heads."""
-    if upcast:
-        q, k, v = (t.double().cpu() for t in (q, k, v))
-        if bias is not None:
-            bias = bias.cpu() if bias.dtype == torch.bool else bias.double().cpu()
+def _capped_scores(q, k, v, scale, softcap):
+    """Scaled (and softcapped) scores [B, H, M, N] in the inputs' precision, and V repeated to the query heads."""
     group = q.shape[-3] // k.shape[-3]
     k = k.repeat_interleave(group, dim=-3)
     v = v.repeat_interleave(group, dim=-3)
@@ -72,6 +67,17 @@ def _ref_scores(q, k, v, scale, is_causal, bottom_right, upcast, bias, window, s
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    return s, v
+
+
+def _ref_scores(q, k, v, scale, is_causal, bottom_right, upcast, bias, window, seqlens_q, seqlens_k, softcap,
+                block_mask, block_size):
+    """Masked scores [B, H, M, N] and the values repeated to the query heads."""
+    if upcast:
+        q, k, v = (t.double().cpu() for t in (q, k, v))
+        if bias is not None:
+            bias = bias.cpu() if bias.dtype == torch.bool else bias.double().cpu()
+    s, v = _capped_scores(q, k, v, scale, softcap)
     if bias is not None and bias.dtype == torch.bool:
         s = s.masked_fill(~bias.to(s.device), float("-inf"))
     elif bias is not None:
@@ -144,13 +150,7 @@ def torch_math(q, k, v, scale=None, is_causal=False, bottom_right=False, *, bias
         mask = mask + bias.to(q.dtype)
     if softcap <= 0 and keep is None:
         return _math_sdpa(q, k, v, mask, False, scale)
-    group = q.shape[-3] // k.shape[-3]
-    k = k.repeat_interleave(group, dim=-3)
-    v = v.repeat_interleave(group, dim=-3)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
+    s, v = _capped_scores(q, k, v, scale, softcap)
     s = s + mask
     empty = (s == float("-inf")).all(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)

@@ -542,7 +542,8 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
         NATURAL=spec.natural_units,
     )
     common = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv, **dot)
-    q_args = kernel_arguments(q, spec, scale, sparse_rows=True)
+    args = kernel_arguments(q, spec, scale)  # once: the padding-bias bounds kernel runs a single time
+    q_args = args.with_block_lists(spec, rows=True)
     n_m_blocks = triton.cdiv(n_queries, cfg_q.block_m)
     if spec.natural_units:
         launch(
@@ -553,7 +554,7 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
             HEAD_D=head_d, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, BLOCK_D=block_d, **q_args.flags,
             **dot, **cfg_q.launch_options(),
         )
-    kv_args = kernel_arguments(q, spec, scale, sparse_rows=False)
+    kv_args = args.with_block_lists(spec, rows=False)
     n_n_blocks = triton.cdiv(n_keys, cfg_kv.block_n)
     launch(
         _bwd_kv_kernel, (n_n_blocks * batch * kv_heads,),

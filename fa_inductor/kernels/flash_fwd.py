@@ -298,7 +298,7 @@ def flash_forward(q, k, v, out, lse, scale: float, spec, cfg, dot: dict):
     head_dv = v.shape[3]
     n_m_blocks = triton.cdiv(n_queries, cfg.block_m)
     grid = (n_m_blocks * batch * heads,)
-    args = kernel_arguments(q, spec, scale, sparse_rows=True)
+    args = kernel_arguments(q, spec, scale).with_block_lists(spec, rows=True)
     launch(
         _flash_fwd_kernel, grid,
         q, k, v, out, lse, *args.tensors,

@@ -66,20 +66,17 @@ def bias_strides(bias: Tensor) -> tuple[int, int, int, int]:
     return tuple(0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride()))
 
 
-def block_lists(block_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """From a boolean [Bm, Hm, QB, KB] block mask: for each query block the ascending list of its key blocks
-    (index [Bm, Hm, QB, KB] int32, first ``count`` entries valid; count [Bm, Hm, QB] int32), and the same per
-    key block over query blocks (index [Bm, Hm, KB, QB], count [Bm, Hm, KB])."""
-    def lists(mask: Tensor) -> tuple[Tensor, Tensor]:
-        count = mask.sum(-1, dtype=torch.int32)
-        # A stable sort of "not kept" puts the kept blocks first, in ascending order.
-        index = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return index.contiguous(), count.contiguous()
-
+def block_lists(block_mask: Tensor, rows: bool) -> tuple[Tensor, Tensor]:
+    """From a boolean [Bm, Hm, QB, KB] block mask: with ``rows``, for each query block the ascending list of its
+    key blocks (index [Bm, Hm, QB, KB] int32, the first ``count`` entries valid; count [Bm, Hm, QB] int32);
+    otherwise the same per key block over query blocks (index [Bm, Hm, KB, QB], count [Bm, Hm, KB])."""
     mask = block_mask.bool()
-    q_index, q_count = lists(mask)
-    k_index, k_count = lists(mask.transpose(-1, -2))
-    return q_index, q_count, k_index, k_count
+    if not rows:
+        mask = mask.transpose(-1, -2)
+    count = mask.sum(-1, dtype=torch.int32)
+    # A stable sort of "not kept" puts the kept blocks first, in ascending order.
+    index = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return index.contiguous(), count.contiguous()
 
 
 @triton.jit
@@ -187,10 +184,20 @@ class KernelArguments:
     scalars: tuple  # left, right, qk_scale, cap, threshold, drop_scale, n_sparse_cols
     flags: dict
 
+    def with_block_lists(self, spec: MaskSpec, rows: bool) -> "KernelArguments":
+        """These arguments with the block-sparse lists of ``spec.block_mask`` filled in: per query block
+        (``rows``: forward, dQ pass) or per key block (dK/dV pass).  Unchanged without a block mask."""
+        if spec.block_mask is None:
+            return self
+        index, counts = block_lists(spec.block_mask, rows)
+        strides = tuple(0 if size == 1 else stride for size, stride in zip(counts.shape, counts.stride()))
+        return dataclasses.replace(self, tensors=self.tensors[:4] + (counts, index) + self.tensors[6:],
+                                   sparse_strides=strides, scalars=self.scalars[:6] + (index.shape[-1],))
 
-def kernel_arguments(query: Tensor, spec: MaskSpec, scale: float, sparse_rows: bool) -> KernelArguments:
-    """Derive the kernel arguments from ``spec`` once.  ``sparse_rows``: block lists per query block (forward,
-    dQ pass) rather than per key block (dK/dV pass)."""
+
+def kernel_arguments(query: Tensor, spec: MaskSpec, scale: float) -> KernelArguments:
+    """Derive the kernel arguments from ``spec`` once per launch group (the forward, or the backward's passes);
+    the block-sparse lists, which depend on the pass, come from ``KernelArguments.with_block_lists``."""
     from .rng import keep_threshold
 
     placeholder = query
@@ -200,13 +207,6 @@ def kernel_arguments(query: Tensor, spec: MaskSpec, scale: float, sparse_rows: b
     else:
         bias_t = bias.view(torch.uint8) if bias.dtype == torch.bool else bias
         b_strides = bias_strides(bias)
-    sparse_block, counts, index, s_strides, n_cols = 0, placeholder, placeholder, (0, 0, 0), 0
-    if spec.block_mask is not None:
-        q_index, q_count, k_index, k_count = block_lists(spec.block_mask)
-        index, counts = (q_index, q_count) if sparse_rows else (k_index, k_count)
-        sparse_block = spec.block_size
-        s_strides = tuple(0 if size == 1 else stride for size, stride in zip(counts.shape, counts.stride()))
-        n_cols = index.shape[-1]
     bounds = bias_key_bounds(bias) if bias is not None else None
     bounds_t = placeholder if bounds is None else bounds
     bounds_strides = (0, 0) if bounds is None else tuple(
@@ -222,15 +222,17 @@ def kernel_arguments(query: Tensor, spec: MaskSpec, scale: float, sparse_rows: b
     drop_scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
     return KernelArguments(
         tensors=(bias_t, _or(spec.seqlens_q, placeholder), _or(spec.seqlens_k, placeholder),
-                 _or(spec.rng_state, placeholder), counts, index, bounds_t),
+                 _or(spec.rng_state, placeholder), placeholder, placeholder, bounds_t),
         bias_strides=b_strides,
         bounds_strides=bounds_strides,
-        sparse_strides=s_strides,
-        scalars=(spec.left, spec.right, qk_scale, cap, threshold, drop_scale, n_cols),
+        sparse_strides=(0, 0, 0),
+        scalars=(spec.left, spec.right, qk_scale, cap, threshold, drop_scale, 0),
         flags=dict(BOTTOM_RIGHT=spec.bottom_right, HAS_LEFT=spec.left >= 0, HAS_RIGHT=spec.right >= 0,
                    HAS_SEQ_Q=spec.seqlens_q is not None, HAS_SEQ_K=spec.seqlens_k is not None,
                    BIAS=spec.bias_kind, BIAS_ROW=spec.bias is not None and b_strides[2] == 0,
-                   SOFTCAP=softcap > 0, DROPOUT=p > 0, SPARSE_BLOCK=sparse_block, KEY_BOUNDS=bounds is not None),
+                   SOFTCAP=softcap > 0, DROPOUT=p > 0,
+                   SPARSE_BLOCK=spec.block_size if spec.block_mask is not None else 0,
+                   KEY_BOUNDS=bounds is not None),
     )
 
 

@@ -305,24 +305,20 @@ def _parse_mask(node: Node, scores: Node):
     raises Miss."""
     k = kind(node)
     shape = tuple(value(scores).shape)
-    if k == "masked_fill":
-        target, mask, fill = node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
-        if not _fill_is_minus_inf(fill):
-            raise Miss("mask_tensor", f"masked_fill with {fill!r}: only -inf / finfo.min fills are exact")
-        try:
-            return target, _causal_shift(mask, True, scores), None
-        except Miss:
-            if fill == -math.inf and _loadable(mask, shape, boolean=True):
-                return target, None, (mask, True)
-            raise
-    if k == "where":
-        cond, a, b = node.args[:3]
-        if isinstance(a, Node) and not isinstance(b, Node) and _fill_is_minus_inf(b):
-            target, masked_where_true, fill = a, False, b
-        elif isinstance(b, Node) and not isinstance(a, Node) and _fill_is_minus_inf(a):
-            target, masked_where_true, fill = b, True, a
+    if k in ("masked_fill", "where"):
+        if k == "masked_fill":
+            target, cond, fill = node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
+            masked_where_true = True
+            if not _fill_is_minus_inf(fill):
+                raise Miss("mask_tensor", f"masked_fill with {fill!r}: only -inf / finfo.min fills are exact")
         else:
-            raise Miss("mask_tensor", "torch.where mask with a non -inf fill")
+            cond, a, b = node.args[:3]
+            if isinstance(a, Node) and not isinstance(b, Node) and _fill_is_minus_inf(b):
+                target, masked_where_true, fill = a, False, b
+            elif isinstance(b, Node) and not isinstance(a, Node) and _fill_is_minus_inf(a):
+                target, masked_where_true, fill = b, True, a
+            else:
+                raise Miss("mask_tensor", "torch.where mask with a non -inf fill")
         try:
             return target, _causal_shift(cond, masked_where_true, scores), None
         except Miss:

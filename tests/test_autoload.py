@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from fa_inductor.config import Settings
@@ -34,10 +35,10 @@ PROGRAM = textwrap.dedent("""
 """)
 
 
-def run(env_extra: dict) -> subprocess.CompletedProcess:
+def run(env_extra: dict, program: str = PROGRAM) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FA_INDUCTOR") and k != "TRITON_INTERPRET"}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_unset_loads_nothing_and_changes_nothing():
@@ -77,3 +78,55 @@ def test_install_is_explicit_and_reversible():
     finally:
         uninstall()
     assert config.pre_grad_custom_pass is None
+
+
+TINY_LLAMA = """
+    import torch, transformers
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config)
+"""
+
+TRAINER = textwrap.dedent(TINY_LLAMA + """
+    import tempfile
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (8, 24))]
+    with tempfile.TemporaryDirectory() as out:
+        args = transformers.TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2,
+                                              torch_compile=True, report_to=[], use_cpu=True, save_strategy="no")
+        result = transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert result.training_loss == result.training_loss  # finite
+    print("replaced:", counters["fa_inductor"]["replaced"])
+""")
+
+GENERATE = textwrap.dedent(TINY_LLAMA + """
+    model.eval()
+    ids = torch.randint(0, 128, (1, 12))
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False, disable_compile=True)
+    compile_config = transformers.CompileConfig()
+    compile_config._compile_all_devices = True  # generate compiles its decode step on GPUs only by default
+    got = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
+                         compile_config=compile_config)
+    assert torch.equal(got, expected), (got, expected)
+    print("replaced:", counters["fa_inductor"]["replaced"])
+""")
+
+
+def test_opt_in_reaches_trainer_torch_compile():
+    """transformers' Trainer with ``torch_compile=True`` (its own torch.compile call) under FA_INDUCTOR=1."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    result = run({"FA_INDUCTOR": "1"}, TRAINER)
+    assert result.returncode == 0, result.stderr[-3000:]
+    replaced = int(result.stdout.split("replaced:")[1])
+    assert replaced >= 2, result.stdout  # both layers, in the compiled training graph
+
+
+def test_opt_in_reaches_generate_auto_compile():
+    """``generate`` with a static cache compiles its decode step itself; FA_INDUCTOR=1 replaces attention there,
+    and the tokens equal uncompiled eager's."""
+    pytest.importorskip("transformers")
+    result = run({"FA_INDUCTOR": "1"}, GENERATE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split("replaced:")[1]) >= 2, result.stdout

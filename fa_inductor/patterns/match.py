@@ -29,7 +29,7 @@ from torch.fx import Node
 from ..attention import fallback_reason
 from ..config import Settings
 from .graph import SCALAR_TYPES, arg, is_tensor_node, kind, only_user, static_eq, value
-from .masks import comparison, is_prefix
+from .masks import Predicate, comparison, is_prefix, negate
 
 __all__ = ["Miss", "AttentionMatch", "anchors", "match_anchor"]
 
@@ -64,6 +64,8 @@ class AttentionMatch:
     mask: Optional[Node] = None     # a mask tensor the op loads: boolean (True = attend) or additive float
     mask_invert: bool = False       # ``mask`` is True where masked: the op gets logical_not(mask)
     nan_empty_rows: bool = False    # a plain softmax over a row of -inf gives NaN: so must the replacement
+    window: tuple = (-1, -1)        # lifted sliding window (left, right); -1 unbounded
+    mask_index: Optional[tuple] = None  # indexing that views ``mask`` as [B, 1, 1, N] (a lifted padding vector)
     softcap: float = 0.0            # Gemma 2 logit capping, cap * tanh(scores / cap), before the mask
     dropout_p: float = 0.0          # dropout on the probabilities (training), drawn by the kernels' Philox RNG
 
@@ -167,32 +169,97 @@ def _triangle(node, rows, cols) -> Optional[tuple[str, int]]:
     return (k, diagonal) if isinstance(diagonal, int) else None
 
 
-def _causal_shift(mask: Node, masked_where_true: bool, scores: Node) -> int:
-    """Keys j allowed for query i are exactly j <= i + shift; returns shift or raises Miss."""
-    rows, cols = value(scores).shape[-2], value(scores).shape[-1]
+@dataclasses.dataclass(frozen=True)
+class Lifted:
+    """A mask proven to be structure plus key padding: what the op gets instead of the mask tensor."""
+
+    is_causal: bool = False
+    bottom_right: bool = False
+    window: tuple = (-1, -1)          # (left, right) beyond the causal flag; -1 unbounded
+    padding: Optional[Node] = None    # a [B, N] boolean node, True = attend
+    empty_rows: bool = False          # some query row may see no key at all
+
+    @property
+    def parts(self) -> list:
+        names = ["causal_mask"] if self.is_causal else []
+        if self.window != (-1, -1):
+            names.append("window_mask")
+        if self.padding is not None:
+            names.append("padding_mask")
+        return names
+
+
+def _const(x) -> Optional[int]:
+    """An int, or a symbolic int that simplifies to a constant; else None."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    if isinstance(x, torch.SymInt) and x.node.expr.is_number:
+        return int(x.node.expr)
+    return None
+
+
+def _lifted(pred: Predicate, shape, finite_fill: bool) -> Lifted:
+    """The op's flags for a mask equal to ``pred`` over scores of ``shape``, or Miss.
+
+    The window is aligned top-left (query i's diagonal is key i) or, with at most as many queries as keys,
+    bottom-right (key i + N - M).  ``finite_fill``: the masked scores are a finite number (finfo.min), so a row
+    with no visible key is an ordinary softmax in eager; only masks under which every row keeps a key lift."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if pred.negated:
+        raise Miss("mask_tensor", "the mask is the complement of a conjunction of index conditions")
+    rows, cols = shape[-2], shape[-1]
+    alignments = [(False, 0)]
+    if statically_known_true(rows <= cols) and not static_eq(cols - rows, 0):
+        alignments.append((True, cols - rows))
+    for bottom_right, offset in alignments:
+        right = _const(pred.upper - offset) if pred.upper is not None else -1
+        left = _const(offset - pred.lower) if pred.lower is not None else -1
+        if right is None or left is None or (pred.upper is not None and right < 0) \
+                or (pred.lower is not None and left < 0):
+            continue
+        break
+    else:
+        raise Miss("mask_tensor", f"index-comparison mask (key <= query + {pred.upper}, key >= query + "
+                                  f"{pred.lower}) that is no top-left or bottom-right aligned causal/window mask")
+    empty_rows = left >= 0 and not bottom_right and not statically_known_true(rows <= cols + left)
+    padding = None
+    if pred.padding:
+        pad = value(pred.padding[0])
+        if len(pred.padding) > 1 or len(shape) != 4 or not (static_eq(pad.shape[0], shape[0])
+                                                            or static_eq(pad.shape[0], 1)):
+            raise Miss("mask_tensor", "key-padding mask that is not one [B, N] vector over 4-D scores")
+        padding, empty_rows = pred.padding[0], True
+    if finite_fill and empty_rows:
+        raise Miss("mask_tensor", "finite-fill (finfo.min) mask whose fully masked rows are uniform in eager")
+    return Lifted(right == 0, bottom_right and (right >= 0 or left >= 0), (left, -1 if right == 0 else right),
+                  padding, empty_rows)
+
+
+def _lift_condition(mask: Node, masked_where_true: bool, shape, finite_fill: bool) -> Lifted:
+    """A boolean mask (True where masked, or where kept) over scores of ``shape``, provably made of structure
+    and key padding -> Lifted, else Miss."""
+    rows, cols = shape[-2], shape[-1]
     node = _unwrap_views(mask)
-    negate = False
+    negated = False
     while kind(node) in ("logical_not", "invert") or (kind(node) == "eq" and node.args[1] in (0, False)):
-        negate = not negate
+        negated = not negated
         node = _unwrap_views(node.args[0])
     tri = _triangle(node, rows, cols)
-    if tri is None:
-        lifted = comparison(mask, (rows, cols))
-        if lifted is None:
-            raise Miss("mask_tensor", "the mask is not provably causal (a triangle of ones or an index "
-                       "comparison built in the graph); tensor masks are not supported by the kernels yet")
-        shift, true_is_kept = lifted
-        if true_is_kept == masked_where_true:
-            raise Miss("mask_tensor", "index-comparison mask that is not causal")
-        return shift
-    which, diagonal = tri
-    # True entries of triu(.., d): j >= i + d; of tril(.., d): j <= i + d.
-    true_is_masked = masked_where_true != negate
-    if which == "tril" and not true_is_masked:
-        return diagonal
-    if which == "triu" and true_is_masked:
-        return diagonal - 1
-    raise Miss("mask_tensor", "triangular mask that is not causal")
+    if tri is not None:
+        # True entries of triu(.., d): j >= i + d; of tril(.., d): j <= i + d.
+        which, diagonal = tri
+        pred = Predicate(upper=diagonal) if which == "tril" else Predicate(lower=diagonal)
+        if negated:
+            pred = negate(pred)
+    else:
+        pred = comparison(mask, (rows, cols))
+        if pred is None:
+            raise Miss("mask_tensor", "the mask is not provably causal, a window or key padding (a triangle of "
+                                      "ones or index comparisons built in the graph)")
+    if masked_where_true:
+        pred = negate(pred)
+    return _lifted(pred, shape, finite_fill)
 
 
 def _fill_is_minus_inf(fill) -> bool:
@@ -205,11 +272,12 @@ def _is_zero(x) -> bool:
     return isinstance(x, SCALAR_TYPES) and x == 0
 
 
-def _additive_comparison(mask: Node, lengths):
-    """``where(cond, 0, -inf)`` (or ``where(cond, -inf, 0)``) of a lifted comparison -> causal shift, else None.
-    ``lengths``: the scores' (queries, keys); the added mask must have exactly those two sizes."""
+def _additive_comparison(mask: Node, scores_shape) -> Optional[Lifted]:
+    """``where(cond, 0, -inf)`` (or ``where(cond, -inf, 0)``; finfo.min for -inf) of a liftable condition ->
+    Lifted, else None.  The added mask must not broadcast the scores' query or key dimension."""
+    lengths = tuple(scores_shape[-2:])
     shape = value(mask).shape if isinstance(mask, Node) and value(mask) is not None else ()
-    if len(shape) < 2 or not (static_eq(shape[-2], lengths[0]) and static_eq(shape[-1], lengths[1])):
+    if len(shape) < 2 or not static_eq(shape[-1], lengths[1]):
         return None
     node = mask
     while kind(node) in ("getitem", "expand") and (kind(node) == "expand" or isinstance(node.args[1], tuple)):
@@ -223,29 +291,15 @@ def _additive_comparison(mask: Node, lengths):
         return None
     cond, a, b = node.args
     if _is_zero(a) and _fill_is_minus_inf(b):
-        keep_where_true = True
+        masked_where_true, fill = False, b
     elif _is_zero(b) and _fill_is_minus_inf(a):
-        keep_where_true = False
+        masked_where_true, fill = True, a
     else:
         return None
-    lifted = comparison(cond, tuple(value(cond).shape[-2:]))
-    if lifted is None or lifted[1] != keep_where_true:
+    try:
+        return _lift_condition(cond, masked_where_true, scores_shape, fill != -math.inf)
+    except Miss:
         return None
-    return lifted[0]
-
-
-def _bottom_right(shift, lengths) -> bool:
-    """The alignment of a causal mask ``k <= q + shift`` over [rows, cols] scores, or Miss."""
-    rows, cols = lengths
-    if static_eq(shift, 0):
-        return False
-    # Bottom-right with more queries than keys leaves rows with no key: eager gives NaN there, so only
-    # lengths known to have rows <= cols are exact.
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-    if static_eq(shift, cols - rows) and statically_known_true(rows <= cols):
-        return True
-    raise Miss("mask_tensor", f"causal mask with diagonal offset {shift} (only top-left, or bottom-right with at "
-                              "most as many queries as keys, are exact)")
 
 
 def _softcap(node: Node):
@@ -300,9 +354,9 @@ def _reaches_product(node, steps: int = 8) -> bool:
 
 
 def _parse_mask(node: Node, scores: Node):
-    """A masking node -> (scores input, causal shift or None, (mask tensor, invert) or None).  Provably causal
-    masks become the causal flag; other -inf masks and additive biases are loaded as tensors; anything else
-    raises Miss."""
+    """A masking node -> (scores input, Lifted or None, (mask tensor, invert) or None).  Masks provably made of
+    causal/window structure and key padding become the op's flags (and a [B, 1, 1, N] padding vector); other
+    -inf masks and additive biases are loaded as tensors; anything else raises Miss."""
     k = kind(node)
     shape = tuple(value(scores).shape)
     if k in ("masked_fill", "where"):
@@ -320,7 +374,7 @@ def _parse_mask(node: Node, scores: Node):
             else:
                 raise Miss("mask_tensor", "torch.where mask with a non -inf fill")
         try:
-            return target, _causal_shift(cond, masked_where_true, scores), None
+            return target, _lift_condition(cond, masked_where_true, shape, fill != -math.inf), None
         except Miss:
             if fill == -math.inf and _loadable(cond, shape, boolean=True):
                 return target, None, (cond, masked_where_true)
@@ -328,9 +382,9 @@ def _parse_mask(node: Node, scores: Node):
     # additive: scores + triu(full(-inf), 1), or scores + where(causal, 0, finfo.min), or any bias tensor
     a, b = node.args[:2]
     mask_node, target = (a, b) if _reaches_product(b) and not _reaches_product(a) else (b, a)
-    shift = _additive_comparison(mask_node, tuple(value(scores).shape[-2:]))
-    if shift is not None:
-        return target, shift, None
+    lifted = _additive_comparison(mask_node, shape)
+    if lifted is not None:
+        return target, lifted, None
     tri = _unwrap_views(mask_node)
     if kind(tri) == "triu" and kind(tri.args[0]) == "full" and _fill_is_minus_inf(arg(tri.args[0], 1, "fill_value")):
         ev = value(tri.args[0])
@@ -338,7 +392,7 @@ def _parse_mask(node: Node, scores: Node):
         if ev.dim() == 2 and static_eq(ev.shape[0], rows) and static_eq(ev.shape[1], cols):
             diagonal = arg(tri, 1, "diagonal", 0)
             if isinstance(diagonal, int):
-                return target, diagonal - 1, None
+                return target, _lifted(Predicate(upper=diagonal - 1), shape, finite_fill=False), None
     if _loadable(mask_node, shape, boolean=False):
         if value(node).dtype == torch.float16:
             # Eager adds in fp16, where a finite mask does not swamp the scores of a fully masked row; the
@@ -548,7 +602,7 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
 
     # Upward: casts, scales, masks, down to the score product.  (A hand-written softmax reads its input twice;
     # _manual_softmax_input has checked that those are its only users.)
-    node, scales, scale_tensors, shift, checked = x, [], [], None, manual is not None
+    node, scales, scale_tensors, lifted, checked = x, [], [], None, manual is not None
     tensor_mask, softcap = None, 0.0
     while True:
         if not checked and only_user(node) is None:
@@ -584,15 +638,21 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
             nodes.append(node)
             node = node_next
         elif k in ("masked_fill", "where", "add"):
-            if shift is not None or tensor_mask is not None:
-                raise Miss("mask_tensor", "more than one mask")
             # Scales met so far were applied after this mask: -inf * c must stay -inf.
             if scale_tensors or any(c <= 0 for c in scales):
                 raise Miss("scale", "a scale applied after the mask must be a positive number")
-            node_next, shift, tensor_mask = _parse_mask(node, node)
-            if tensor_mask is not None and k == "add" and any(c != 1.0 for c in scales):
+            node_next, new_lifted, new_tensor = _parse_mask(node, node)
+            if new_tensor is not None and k == "add" and any(c != 1.0 for c in scales):
                 raise Miss("scale", "a scale applied after an additive mask scales the mask too")
-            parts.append("causal_mask" if shift is not None else "bool_mask" if k != "add" else "additive_mask")
+            # Masks commute (each adds to the scores or sets them to -inf): one lifted to flags and one tensor
+            # (e.g. T5's causal mask after its position bias) combine; the op loads at most one tensor.
+            tensors = [t for t in (tensor_mask, new_tensor) if t is not None]
+            tensors += [x for x in (lifted, new_lifted) if x is not None and x.padding is not None]
+            if (lifted is not None and new_lifted is not None) or len(tensors) > 1:
+                raise Miss("mask_tensor", "more than one mask tensor (or two structured masks)")
+            lifted, tensor_mask = lifted or new_lifted, tensor_mask or new_tensor
+            parts.extend(new_lifted.parts if new_lifted is not None
+                         else ["bool_mask" if k != "add" else "additive_mask"])
             nodes.append(node)
             node = node_next
         elif k in MATMULS:
@@ -650,28 +710,40 @@ def _walk_softmax(anchor: Node, settings: Settings, parts: list) -> AttentionMat
     if cast_to is not None:
         parts.append("autocast")
 
-    is_causal = shift is not None
-    bottom_right = is_causal and _bottom_right(shift, value(matmul).shape[-2:])
+    lifted = lifted or Lifted()
     scale = math.prod(scales) if scales else 1.0
     form = "+".join(dict.fromkeys(parts))
     if family not in settings.forms:
         raise Miss("form_disabled", f"form family {family!r} is switched off", form)
     return AttentionMatch(out=out, query=q, key=key, key_needs_transpose=key_needs_transpose, value=v,
-                          scale=scale, scale_tensors=scale_tensors, is_causal=is_causal, bottom_right=bottom_right,
+                          scale=scale, scale_tensors=scale_tensors, is_causal=lifted.is_causal,
+                          bottom_right=lifted.bottom_right, window=lifted.window,
                           enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts, cast_to=cast_to, form=form,
-                          family=family, nodes=nodes + [out], mask=tensor_mask[0] if tensor_mask else None,
-                          mask_invert=bool(tensor_mask and tensor_mask[1]), nan_empty_rows=tensor_mask is not None,
+                          family=family, nodes=nodes + [out], **_mask_fields(lifted, tensor_mask),
+                          nan_empty_rows=tensor_mask is not None or lifted.empty_rows,
                           softcap=softcap, dropout_p=dropout_p)
 
 
-def _sdpa_mask_shift(mask, lengths):
-    """SDPA ``attn_mask`` provably causal: a boolean index comparison (True = attend) or its additive form."""
+def _mask_fields(lifted: Lifted, tensor_mask) -> dict:
+    """AttentionMatch's mask fields: a loaded (mask, invert) tensor, or a lifted padding vector as [B, 1, 1, N]."""
+    if tensor_mask is not None:
+        return {"mask": tensor_mask[0], "mask_invert": bool(tensor_mask[1])}
+    if lifted.padding is not None:
+        return {"mask": lifted.padding, "mask_index": (slice(None), None, None, slice(None))}
+    return {}
+
+
+def _sdpa_lift(mask, scores_shape) -> Optional[Lifted]:
+    """SDPA ``attn_mask`` provably structure and key padding: a boolean mask (True = attend) or its additive
+    form; None for any other mask."""
     if not isinstance(mask, Node):
         return None
     if value(mask).dtype == torch.bool:
-        lifted = comparison(mask, lengths)
-        return lifted[0] if lifted is not None and lifted[1] else None
-    return _additive_comparison(mask, lengths)
+        try:
+            return _lift_condition(mask, False, scores_shape, finite_fill=False)
+        except Miss:
+            return None
+    return _additive_comparison(mask, scores_shape)
 
 
 def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
@@ -680,19 +752,17 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
     is_causal, scale, enable_gqa = (arg(anchor, 5, "is_causal", False), arg(anchor, 6, "scale"),
                                     arg(anchor, 7, "enable_gqa", False))
     parts = ["sdpa"]
-    bottom_right = False
+    lifted = Lifted(is_causal=is_causal) if isinstance(is_causal, bool) else Lifted()
     tensor_mask = None
     if mask is not None:
-        lengths = (value(q).shape[-2], value(k).shape[-2])
-        shift = _sdpa_mask_shift(mask, lengths)
+        scores_shape = tuple(value(q).shape[:-1]) + (value(k).shape[-2],)
         if is_causal:
             raise Miss("mask_tensor", "SDPA with both attn_mask and is_causal (an error in eager)", "sdpa")
-        if shift is not None:
-            bottom_right = _bottom_right(shift, lengths)
-            is_causal = True
-            parts.append("causal_mask")
+        lifted = _sdpa_lift(mask, scores_shape)
+        if lifted is not None:
+            parts.extend(lifted.parts)
         else:
-            scores_shape = tuple(value(q).shape[:-1]) + (lengths[1],)
+            lifted = Lifted()
             boolean = isinstance(mask, Node) and value(mask) is not None and value(mask).dtype == torch.bool
             if not _loadable(mask, scores_shape, boolean):
                 raise Miss("mask_tensor", "SDPA attn_mask that is not a bool/float tensor broadcastable to the "
@@ -725,7 +795,7 @@ def _match_sdpa(anchor: Node, settings: Settings) -> AttentionMatch:
         raise Miss("form_disabled", "form family 'sdpa' is switched off", form)
     return AttentionMatch(out=anchor, query=q, key=k, key_needs_transpose=False, value=v,
                           scale=None if scale is None else float(scale), scale_tensors=scale_tensors,
-                          is_causal=is_causal,
-                          bottom_right=bottom_right, enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts,
-                          cast_to=cast_to, form=form, family="sdpa",
-                          nodes=[anchor], mask=tensor_mask, dropout_p=float(dropout_p))
+                          is_causal=lifted.is_causal, bottom_right=lifted.bottom_right, window=lifted.window,
+                          enable_gqa=enable_gqa, gqa_tiled="gqa_repeat_tiled" in parts, cast_to=cast_to, form=form,
+                          family="sdpa", nodes=[anchor], dropout_p=float(dropout_p),
+                          **_mask_fields(lifted, (tensor_mask, False) if tensor_mask is not None else None))

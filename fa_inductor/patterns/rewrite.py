@@ -48,13 +48,15 @@ def _apply(gm: GraphModule, m: AttentionMatch) -> None:
         if m.cast_to is not None:
             query, key, value = (graph.call_method("to", (t, m.cast_to)) for t in (query, key, value))
         mask = m.mask
+        if mask is not None and m.mask_index is not None:
+            mask = graph.call_function(operator.getitem, (mask, m.mask_index))
         if mask is not None and m.mask_invert:
             mask = graph.call_function(torch.logical_not, (mask,))
         fused = graph.call_function(flash_attention, (query, key, value),
                                     {"scale": m.scale, "is_causal": m.is_causal, "bottom_right": m.bottom_right,
                                      "enable_gqa": m.enable_gqa, "gqa_tiled": m.gqa_tiled, "attn_mask": mask,
                                      "nan_empty_rows": m.nan_empty_rows, "softcap": m.softcap,
-                                     "dropout_p": m.dropout_p})
+                                     "dropout_p": m.dropout_p, "window": m.window})
     for name in ("stack_trace", "example_value", "nn_module_stack", "source_fn_stack"):
         if name in m.out.meta:
             fused.meta[name] = m.out.meta[name]

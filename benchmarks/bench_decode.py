@@ -15,7 +15,9 @@ Implementations:
   sdpa_flash / sdpa_efficient / sdpa_cudnn   the same, pinned to one backend (an error row where unsupported)
 
 Rows report time, the KV bytes read per second (the bound for decode: ``GB/s``) and ``vs_sdpa`` (time over the
-best SDPA time on the same shape).  Results go to ``<out-dir>/<stem>.{json,md,png}``.
+best SDPA time on the same shape).  On CUDA each call is also captured in a CUDA graph and replayed
+(``graph_ms``, ``graph_vs_sdpa``): the GPU time without Python and launch overhead, which is how a compiled
+decode step runs under ``mode="reduce-overhead"`` (generate's own compile uses CUDA graphs).  Results go to ``<out-dir>/<stem>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ IMPLS = ("fa_inductor", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
             "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-TABLE_COLUMNS = ("impl", "batch", "q_len", "kv_len", "head_dim", "ms", "gb_s", "vs_sdpa", "error")
+TABLE_COLUMNS = ("impl", "batch", "q_len", "kv_len", "head_dim", "ms", "gb_s", "vs_sdpa", "graph_ms",
+                 "graph_vs_sdpa", "error")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -78,6 +81,21 @@ def _call(impl: str, q, k, v):
     return pinned
 
 
+def graph_ms(fn, args: argparse.Namespace) -> float | None:
+    """Time of ``fn`` captured once in a CUDA graph and replayed (None on CPU)."""
+    if not str(args.device).startswith("cuda"):
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, warmup=args.warmup, rep=args.rep, device=args.device)["ms"]
+
+
 def bench_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     dtype = DTYPES[args.dtype]
     for d in args.head_dims:
@@ -94,20 +112,25 @@ def bench_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                         timing, error = measure(f"{impl} B={batch} Lq={lq} Lk={lk} D={d}", lambda: (
                             fn(), time_ms(fn, warmup=args.warmup, rep=args.rep, device=args.device))[1])
                         gb_s = kv_bytes / (timing["ms"] * 1e6) if timing else None
-                        yield {**base, **(timing or {}), "gb_s": gb_s, "error": error}
+                        graph = None
+                        if timing:
+                            graph, graph_error = measure(f"{impl} graph", lambda: graph_ms(fn, args))
+                            error = error or graph_error
+                        yield {**base, **(timing or {}), "gb_s": gb_s, "graph_ms": graph, "error": error}
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     key = ("batch", "q_len", "kv_len", "head_dim")
-    best: dict[tuple, float] = {}
-    for r in rows:
-        if r["impl"].startswith("sdpa") and r.get("ms"):
-            k = tuple(r[c] for c in key)
-            best[k] = min(best.get(k, float("inf")), r["ms"])
-    for r in rows:
-        other = best.get(tuple(r[c] for c in key))
-        if r.get("ms") and other:
-            r["vs_sdpa"] = r["ms"] / other
+    for time, ratio in (("ms", "vs_sdpa"), ("graph_ms", "graph_vs_sdpa")):
+        best: dict[tuple, float] = {}
+        for r in rows:
+            if r["impl"].startswith("sdpa") and r.get(time):
+                k = tuple(r[c] for c in key)
+                best[k] = min(best.get(k, float("inf")), r[time])
+        for r in rows:
+            other = best.get(tuple(r[c] for c in key))
+            if r.get(time) and other:
+                r[ratio] = r[time] / other
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,8 +2,10 @@
 graphs, numerics against eager in inference and training.
 
 Each test runs on the CPU in fp32 (compared with eager to 1e-4) and, with a GPU, in bf16 on CUDA (marker
-``gpu``), where the compiled model's error against an fp64 copy of the model must stay within 3x the error of
-eager bf16 plus a small slack (the non-attention layers run the same kernels in both).  Generation compares
+``gpu``), where the compiled model's error against an fp32 copy of the model must stay within 3x the error of
+eager bf16 plus a small slack (the non-attention layers run the same kernels in both).  The reference is fp32,
+not fp64: eager fp64 turns the rows that padding masks out completely into NaN (finfo(fp64).min overflows in
+its softmax), and fp32 is 2^16 times finer than bf16.  Generation compares
 tokens in fp32 on both devices."""
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ def _to(setup, model, *tensors):
 
 
 def _reference(model):
-    """An fp64 copy of ``model`` (same weights) for the error budget of reduced-precision runs."""
-    return copy.deepcopy(model).double() if next(model.parameters()).dtype != torch.float32 else None
+    """An fp32 copy of ``model`` (same weights) for the error budget of reduced-precision runs."""
+    return copy.deepcopy(model).float() if next(model.parameters()).dtype != torch.float32 else None
 
 
 def check_close(name, ours, eager, reference=None):
-    """fp32: ours equals eager to 1e-4.  Lower precision: ours' max error against the fp64 ``reference`` is at
+    """fp32: ours equals eager to 1e-4.  Lower precision: ours' max error against the fp32 ``reference`` is at
     most 3x eager's own, plus 1e-2 of the reference's magnitude."""
     if reference is None:
         torch.testing.assert_close(ours, eager, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
@@ -173,7 +175,7 @@ def test_more_architectures(family, impl, setup):
     with torch.no_grad():
         ours = _compiled_call(model, *args)[0]
         expected = model(*args)[0]
-        ref = reference(*(a.double() if a is not None and a.is_floating_point() else a for a in args))[0] \
+        ref = reference(*(a.float() if a is not None and a.is_floating_point() else a for a in args))[0] \
             if reference is not None else None
     assert counters["fa_inductor"]["replaced"] == sites, dict(counters["fa_inductor"])
     check_close(family, ours, expected, ref)

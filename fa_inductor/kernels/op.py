@@ -33,6 +33,7 @@ from torch import Tensor
 from . import blockwise
 from .common import dot_options, empty_lse, empty_output, is_interpreted
 from .configs import Direction, default_config
+from . import flash_decode
 from .flash_bwd import _bwd_kv_kernel, flash_backward
 from .flash_fwd import _flash_fwd_kernel, flash_forward
 from .masking import SPARSE_BLOCK, MaskSpec, window_extents
@@ -117,9 +118,12 @@ def _run_forward(query, key, value, scale, spec):
     out = empty_output(query, value)
     lse = empty_lse(query)
     if out.numel() > 0:
+        dot = dot_options(query.dtype, interpreted=query.device.type == "cpu")
+        if flash_decode.eligible(query, key, spec):
+            flash_decode.flash_decode(query, key, value, out, lse, scale, spec, dot)
+            return out, lse
         (cfg,) = _configs(query, value, spec, Direction.FORWARD)
-        flash_forward(query, key, value, out, lse, scale, spec, cfg,
-                      dot_options(query.dtype, interpreted=query.device.type == "cpu"))
+        flash_forward(query, key, value, out, lse, scale, spec, cfg, dot)
     return out, lse
 
 

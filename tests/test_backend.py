@@ -156,6 +156,9 @@ CASES = [
     Case("hf_eager_window_lifted", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25 + torch.where(
         _hf_mask(q, k, window=4), torch.zeros((), dtype=q.dtype), torch.finfo(q.dtype).min), -1) @ v, qkv,
         form_has=("causal_mask", "window_mask")),
+    Case("hf_eager_window_tensor_zero_lifted", lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.25
+        + torch.where(_hf_mask(q, k, window=4), torch.tensor(0.0, device=q.device, dtype=q.dtype),
+                      torch.finfo(q.dtype).min), -1) @ v, qkv, form_has=("causal_mask", "window_mask")),
     Case("hf_eager_finite_padding_loaded", lambda q, k, v, pad: torch.softmax(q @ k.transpose(-2, -1) * 0.25
         + torch.where(_hf_mask(q, k, pad), torch.zeros((), dtype=q.dtype), torch.finfo(q.dtype).min), -1) @ v,
         lambda: (*qkv(), _padding(left=True)), form_has=("additive_mask",)),

@@ -33,6 +33,7 @@ __all__ = ["eligible", "flash_decode", "MAX_QUERIES", "MAX_ROWS"]
 MAX_QUERIES = 16   # queries per (batch, head) that count as a decode step
 MAX_ROWS = 64      # G * M rows packed into one tile at most
 PROGRAMS_PER_SM = 2
+MAX_SPLITS = 128   # key chunks per (batch, key head) at most
 
 
 @triton.jit
@@ -47,6 +48,9 @@ def _decode_split_kernel(Q, K, V, Bias, OutPart, StatPart,
     """Program (b * kv_heads + hk, split): the packed rows of key head hk over keys [split * chunk, +chunk)."""
     bhk = tl.program_id(0)
     split = tl.program_id(1)
+    # Inductor passes Python floats as fp64 scalars: keep the arithmetic in fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    cap = tl.cast(cap, tl.float32)
     b = bhk // kv_heads
     hk = bhk % kv_heads
     rows = tl.arange(0, BLOCK_R)
@@ -117,38 +121,34 @@ def _decode_split_kernel(Q, K, V, Bias, OutPart, StatPart,
 @triton.jit
 def _decode_combine_kernel(OutPart, StatPart, Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                            kv_heads, group, n_queries, n_splits,
-                           HEAD_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Program bhk: with M = max_s m_s and w_s = l_s exp(m_s - M), out = sum_s w_s out_s / sum_s w_s and
-    lse = M + log(sum_s w_s)."""
+                           HEAD_DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    """Program (bhk, row): with M = max_s m_s and w_s = l_s exp(m_s - M) over the splits,
+    out = sum_s w_s out_s / sum_s w_s and lse = M + log(sum_s w_s), all splits loaded at once."""
     bhk = tl.program_id(0)
+    row = tl.program_id(1)
     b = bhk // kv_heads
     hk = bhk % kv_heads
-    rows = tl.arange(0, BLOCK_R)
-    row_ok = rows < group * n_queries
-    i = rows % n_queries
-    h = hk * group + rows // n_queries
-    offs_dv = tl.arange(0, BLOCK_DV)
-    first = bhk.to(tl.int64) * n_splits
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    for split in range(0, n_splits):
-        m = tl.maximum(m, tl.load(StatPart + (first + split) * 2 * BLOCK_R + rows))
+    i = row % n_queries
+    h = hk * group + row // n_queries
+    splits = tl.arange(0, BLOCK_S)
+    live_split = splits < n_splits
+    part = bhk.to(tl.int64) * n_splits + splits
+    m_s = tl.load(StatPart + part * 2 * BLOCK_R + row, mask=live_split, other=float("-inf"))
+    l_s = tl.load(StatPart + part * 2 * BLOCK_R + BLOCK_R + row, mask=live_split, other=0.0)
+    m = tl.max(m_s, 0)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros((BLOCK_R,), tl.float32)
-    acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
-    for split in range(0, n_splits):
-        part = first + split
-        m_s = tl.load(StatPart + part * 2 * BLOCK_R + rows)
-        l_s = tl.load(StatPart + part * 2 * BLOCK_R + BLOCK_R + rows)
-        w = l_s * tl.math.exp2((m_s - m_ref) * LOG2E_JIT)
-        total += w
-        acc += w[:, None] * tl.load(OutPart + (part * BLOCK_R + rows)[:, None] * BLOCK_DV + offs_dv[None, :])
+    w = l_s * tl.math.exp2((m_s - m_ref) * LOG2E_JIT)
+    total = tl.sum(w, 0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_s = tl.load(OutPart + (part * BLOCK_R + row)[:, None] * BLOCK_DV + offs_dv[None, :],
+                  mask=live_split[:, None], other=0.0)
     live = total > 0.0
+    acc = tl.sum(w[:, None] * o_s, 0) / tl.where(live, total, 1.0)
     lse = tl.where(live, m_ref + tl.log(tl.where(live, total, 1.0)), float("-inf"))
-    acc = acc / tl.where(live, total, 1.0)[:, None]
-    out_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64)[:, None] * stride_oh
-                + i.to(tl.int64)[:, None] * stride_om + offs_dv[None, :])
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
-    tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + i, lse, mask=row_ok)
+    out_ptr = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
+    tl.store(out_ptr + offs_dv, acc.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DV)
+    tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + i, lse)
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, spec) -> bool:
@@ -165,15 +165,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _splits(device: torch.device, programs: int, n_keys, block_n: int):
-    """(chunk, n_splits): about PROGRAMS_PER_SM programs per SM, each chunk a whole number of key blocks.
-    Symbolic lengths (dynamic shapes) stay symbolic: no guard, no recompilation as the cache grows."""
+def _splits(device: torch.device, programs, n_keys, block_n: int):
+    """(chunk, n_splits, max_splits): about PROGRAMS_PER_SM programs per SM, each chunk a whole number of key
+    blocks, and a static bound on n_splits (the combine kernel's tile).  Symbolic lengths or batch sizes
+    (dynamic shapes) stay symbolic: no guard, no recompilation as the cache grows."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
-    wanted = max(1, -(-PROGRAMS_PER_SM * sms // programs))
-    per_split = torch.sym_max(1, -(-n_keys // wanted))
+    target = PROGRAMS_PER_SM * sms
+    wanted = -(-target // programs) if isinstance(programs, int) else target
+    max_splits = triton.next_power_of_2(max(1, min(wanted, MAX_SPLITS)))
+    per_split = torch.sym_max(1, -(-n_keys // max_splits))
     chunk = -(-per_split // block_n) * block_n
-    return chunk, torch.sym_max(1, -(-n_keys // chunk))
+    return chunk, torch.sym_max(1, -(-n_keys // chunk)), max_splits
 
 
 def flash_decode(q, k, v, out, lse, scale: float, spec, dot: dict) -> None:
@@ -184,14 +187,14 @@ def flash_decode(q, k, v, out, lse, scale: float, spec, dot: dict) -> None:
     block_r = max(16, triton.next_power_of_2(group * n_queries))
     block_d, block_dv = padded_head_dim(head_d), padded_head_dim(head_dv)
     block_n = 128 if max(block_d, block_dv) <= 64 else 64
-    chunk, n_splits = _splits(q.device, batch * kv_heads, n_keys, block_n)
+    chunk, n_splits, max_splits = _splits(q.device, batch * kv_heads, n_keys, block_n)
     out_part = q.new_empty((batch * kv_heads, n_splits, block_r, block_dv), dtype=torch.float32)
     stat_part = q.new_empty((batch * kv_heads, n_splits, 2, block_r), dtype=torch.float32)
     bias = spec.bias
     if bias is None:
         bias_t, b_strides = q, (0, 0, 0, 0)
     else:
-        bias_t = bias.view(torch.uint8) if bias.dtype == torch.bool else bias
+        bias_t = bias  # a bool mask is read as Triton int1 (a dtype view would not lower in Inductor)
         b_strides = tuple(0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride()))
     softcap = float(spec.softcap)
     qk_scale, cap = (scale / softcap, softcap) if softcap > 0 else (scale, 1.0)
@@ -204,7 +207,7 @@ def flash_decode(q, k, v, out, lse, scale: float, spec, dot: dict) -> None:
            HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
            BOTTOM_RIGHT=spec.bottom_right, HAS_LEFT=spec.left >= 0, HAS_RIGHT=spec.right >= 0,
            BIAS=spec.bias_kind, SOFTCAP=softcap > 0, **dot, num_warps=4, num_stages=3)
-    launch(_decode_combine_kernel, (batch * kv_heads,),
+    launch(_decode_combine_kernel, (batch * kv_heads, group * n_queries),
            out_part, stat_part, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
            kv_heads, group, n_queries, n_splits,
-           HEAD_DV=head_dv, BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4)
+           HEAD_DV=head_dv, BLOCK_R=block_r, BLOCK_DV=block_dv, BLOCK_S=max_splits, num_warps=4)

@@ -136,7 +136,7 @@ def bias_key_bounds(bias: Tensor) -> Optional[Tensor]:
     bounds = torch.empty((batch, heads, 3), dtype=torch.int32, device=bias.device)
     is_bool = bias.dtype == torch.bool
     dead = torch.finfo(bias.dtype).min if bias.dtype in (torch.float32, torch.bfloat16) else float("-inf")
-    launch(_key_bounds_kernel, (batch * heads,), bias.view(torch.uint8) if is_bool else bias, bounds,
+    launch(_key_bounds_kernel, (batch * heads,), bias, bounds,
            bias.stride(0), bias.stride(1), bias.stride(3), heads, n_keys, dead, IS_BOOL=is_bool, BLOCK=1024)
     return bounds
 
@@ -205,7 +205,7 @@ def kernel_arguments(query: Tensor, spec: MaskSpec, scale: float) -> KernelArgum
     if bias is None:
         bias_t, b_strides = placeholder, (0, 0, 0, 0)
     else:
-        bias_t = bias.view(torch.uint8) if bias.dtype == torch.bool else bias
+        bias_t = bias  # a bool mask is read as Triton int1 (a dtype view would not lower in Inductor)
         b_strides = bias_strides(bias)
     bounds = bias_key_bounds(bias) if bias is not None else None
     bounds_t = placeholder if bounds is None else bounds

@@ -267,9 +267,20 @@ def _fill_is_minus_inf(fill) -> bool:
 
 
 def _is_zero(x) -> bool:
+    """A literal 0, or a node that is zeros by construction: ``torch.zeros(..)``, ``zeros_like``, ``new_zeros``,
+    ``torch.tensor(0.0, ..)`` or ``torch.full(.., 0)`` (transformers builds its masks' 0 each of these ways,
+    depending on the device)."""
     if isinstance(x, Node):
-        return x.op == "call_function" and x.target in (torch.zeros, torch.zeros_like)
-    return isinstance(x, SCALAR_TYPES) and x == 0
+        if x.op == "call_function" and x.target in (torch.zeros, torch.zeros_like):
+            return True
+        if x.op == "call_method" and x.target == "new_zeros":
+            return True
+        if x.op == "call_function" and x.target is torch.tensor:
+            return bool(x.args) and _is_zero(x.args[0])
+        if x.op == "call_function" and x.target is torch.full:
+            return _is_zero(arg(x, 1, "fill_value"))
+        return False
+    return isinstance(x, SCALAR_TYPES) and not isinstance(x, bool) and x == 0
 
 
 def _additive_comparison(mask: Node, scores_shape) -> Optional[Lifted]:

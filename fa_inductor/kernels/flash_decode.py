@@ -5,7 +5,7 @@ With M <= 16 new queries the FA2 forward has one program per (batch, query head)
 
   * the G query heads that share a key/value head (grouped-query attention) are packed with their M queries
     into one tile of G * M rows, so each K/V block is loaded once per group, not G times;
-  * the keys are cut into ``n_splits`` chunks, one program each, so that about two programs run per SM;
+  * the keys are cut into ``n_splits`` chunks, one program each, so that about one program runs per SM;
   * every program writes its chunk's normalised partial output, running max m_s and sum l_s (fp32), and a
     second small kernel combines the chunks, weighting each by l_s exp(m_s - max_s m_s).
 
@@ -32,8 +32,10 @@ __all__ = ["eligible", "flash_decode", "MAX_QUERIES", "MAX_ROWS"]
 
 MAX_QUERIES = 16   # queries per (batch, head) that count as a decode step
 MAX_ROWS = 64      # G * M rows packed into one tile at most
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 1  # measured on an H100 (bench_decode sweep): more splits only add combine work
 MAX_SPLITS = 128   # key chunks per (batch, key head) at most
+# (BLOCK_N, num_warps, num_stages) of the split kernel, for head dims up to 64 (True) and above (False)
+SPLIT_CONFIG = {True: (64, 4, 3), False: (64, 4, 3)}
 
 
 @triton.jit
@@ -186,7 +188,7 @@ def flash_decode(q, k, v, out, lse, scale: float, spec, dot: dict) -> None:
     group = heads // kv_heads
     block_r = max(16, triton.next_power_of_2(group * n_queries))
     block_d, block_dv = padded_head_dim(head_d), padded_head_dim(head_dv)
-    block_n = 128 if max(block_d, block_dv) <= 64 else 64
+    block_n, num_warps, num_stages = SPLIT_CONFIG[max(block_d, block_dv) <= 64]
     chunk, n_splits, max_splits = _splits(q.device, batch * kv_heads, n_keys, block_n)
     out_part = q.new_empty((batch * kv_heads, n_splits, block_r, block_dv), dtype=torch.float32)
     stat_part = q.new_empty((batch * kv_heads, n_splits, 2, block_r), dtype=torch.float32)
@@ -206,7 +208,7 @@ def flash_decode(q, k, v, out, lse, scale: float, spec, dot: dict) -> None:
            kv_heads, group, n_queries, n_keys, chunk, n_splits, spec.left, spec.right, qk_scale, cap,
            HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
            BOTTOM_RIGHT=spec.bottom_right, HAS_LEFT=spec.left >= 0, HAS_RIGHT=spec.right >= 0,
-           BIAS=spec.bias_kind, SOFTCAP=softcap > 0, **dot, num_warps=4, num_stages=3)
+           BIAS=spec.bias_kind, SOFTCAP=softcap > 0, **dot, num_warps=num_warps, num_stages=num_stages)
     launch(_decode_combine_kernel, (batch * kv_heads, group * n_queries),
            out_part, stat_part, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
            kv_heads, group, n_queries, n_splits,

@@ -222,6 +222,9 @@ def _evaluate(node, depth: int = 0) -> _Abstract:
         return _evaluate(node.args[0], depth + 1) if ev.dtype == torch.bool else None
     if op in ("le", "lt", "ge", "gt") and len(node.args) == 2:
         a, b = (_evaluate(x, depth + 1) for x in node.args)
+        bound = _always_true(op, a, b, *node.args)
+        if bound is not None:
+            return bound
         if not (isinstance(a, _Index) and isinstance(b, _Index)):
             return None
         if (a.dim, b.dim) == (-2, -1):  # query on the left: mirror the comparison
@@ -250,6 +253,21 @@ def _evaluate(node, depth: int = 0) -> _Abstract:
     return None
 
 
+def _always_true(op: str, a, b, left, right) -> Optional[Predicate]:
+    """``index >= c`` (or ``c <= index``, ``>``/``<``) with c at most the index's first value: all True (how
+    transformers 5.17 spells a bidirectional mask: ``q_idx >= 0``).  None when not provably so."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if isinstance(b, _Index) and not isinstance(a, _Index):
+        a, b, left, right = b, a, right, left
+        op = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}[op]
+    constant = _scalar(right)
+    if not isinstance(a, _Index) or constant is None or op not in ("ge", "gt"):
+        return None
+    holds = a.offset >= constant if op == "ge" else a.offset > constant
+    return Predicate() if statically_known_true(holds) else None
+
+
 def _padding(node: Node, index: tuple) -> Optional[Predicate]:
     """``pad[batch_idx, kv_idx]`` with ``pad`` a [B, N] boolean tensor, ``batch_idx`` = arange(B) along dim -4 and
     ``kv_idx`` = arange(N) along dim -1 (no offsets): the key-padding predicate pad[b, k]."""
@@ -265,7 +283,27 @@ def _padding(node: Node, index: tuple) -> Optional[Predicate]:
     batch_size, key_size = value(index[0]).shape[-4], value(index[1]).shape[-1]
     if not (static_eq(batch_size, ev.shape[0]) and static_eq(key_size, ev.shape[1])):
         return None
-    return Predicate(padding=(pad,))
+    return Predicate() if _all_true(pad) else Predicate(padding=(pad,))
+
+
+def _all_true(node) -> bool:
+    """A boolean tensor that is all True by construction: (a cast of) ``torch.ones`` / ``ones_like`` /
+    ``new_ones`` / ``full(.., 1)``, as models build the padding mask of an unpadded batch."""
+    for _ in range(4):
+        if not isinstance(node, Node):
+            return False
+        if node.op == "call_function" and node.target in (torch.ones, torch.ones_like):
+            return True
+        if node.op == "call_method" and node.target == "new_ones":
+            return True
+        if node.op == "call_function" and node.target is torch.full:
+            fill = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+            return isinstance(fill, (int, float)) and fill != 0
+        if _op(node) == "to" or (node.op == "call_method" and node.target in ("to", "bool", "int", "long", "float")):
+            node = node.args[0]
+            continue
+        return False
+    return False
 
 
 def comparison(mask: Node, lengths) -> Optional[Predicate]:

@@ -180,6 +180,24 @@ def test_more_architectures(family, impl, setup):
     assert counters["fa_inductor"]["replaced"] == sites, dict(counters["fa_inductor"])
     check_close(family, ours, expected, ref)
 
+    # A training step (eval mode, so that dropout draws no random numbers): every site replaced in the graph
+    # compiled for training, and every parameter gradient as eager's.
+    grad_out = torch.randn_like(expected)
+    torch.autograd.backward(_compiled_call(model, *args)[0], grad_out)
+    assert counters["fa_inductor"]["replaced"] == sites, dict(counters["fa_inductor"])
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.autograd.backward(model(*args)[0], grad_out)
+    ref_grads = {}
+    if reference is not None:
+        ref_args = (a.float() if a is not None and a.is_floating_point() else a for a in args)
+        torch.autograd.backward(reference(*ref_args)[0], grad_out.float())
+        ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    assert grads
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            check_close(f"{family} {n}", grads[n], p.grad, ref_grads.get(n))
+
 
 @pytest.mark.parametrize("setup", SETUPS)
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -36,21 +36,28 @@ def _to(setup, model, *tensors):
                      else t.to(device) if t is not None else None for t in tensors))
 
 
+def _gradient_scale(ref_grads) -> float:
+    return max((g.abs().max().item() for g in ref_grads if g is not None), default=0.0)
+
+
 def _reference(model):
     """An fp32 copy of ``model`` (same weights) for the error budget of reduced-precision runs."""
     return copy.deepcopy(model).float() if next(model.parameters()).dtype != torch.float32 else None
 
 
-def check_close(name, ours, eager, reference=None):
+def check_close(name, ours, eager, reference=None, scale=0.0):
     """fp32: ours equals eager to 1e-4.  Lower precision: ours' max error against the fp32 ``reference`` is at
-    most 3x eager's own, plus 1e-2 of the reference's magnitude."""
+    most 3x eager's own, plus 1e-2 of the reference's magnitude and 1e-3 of ``scale`` (for gradients: the
+    model's largest, so that a gradient that is analytically zero, such as a key projection's bias under
+    softmax, is compared at the precision of the computation it comes from, not at its own rounding noise)."""
     if reference is None:
         torch.testing.assert_close(ours, eager, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
         return
     ref = reference.double()
     ours_error = (ours.double() - ref).abs().max().item()
     eager_error = (eager.double() - ref).abs().max().item()
-    assert ours_error <= 3 * eager_error + 1e-2 * ref.abs().max().item(), (name, ours_error, eager_error)
+    allowed = 3 * eager_error + 1e-2 * ref.abs().max().item() + 1e-3 * scale
+    assert ours_error <= allowed, (name, ours_error, eager_error, allowed)
 
 
 def _rewriting_backend(gm, example_inputs):
@@ -101,8 +108,9 @@ def test_decoder_attention_replaced(family, impl, setup):
         reference.train()
         reference(ids, labels=ids).loss.backward()
         ref_grads = [p.grad for p in reference.parameters()]
+    scale = _gradient_scale(ref_grads)
     for (name, p), g, r in zip(model.named_parameters(), grads, ref_grads):
-        check_close(name, g, p.grad, r)
+        check_close(name, g, p.grad, r, scale)
 
 
 def _more_models():
@@ -194,9 +202,10 @@ def test_more_architectures(family, impl, setup):
         torch.autograd.backward(reference(*ref_args)[0], grad_out.float())
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
     assert grads
+    scale = _gradient_scale(ref_grads.values())
     for n, p in model.named_parameters():
         if p.grad is not None:
-            check_close(f"{family} {n}", grads[n], p.grad, ref_grads.get(n))
+            check_close(f"{family} {n}", grads[n], p.grad, ref_grads.get(n), scale)
 
 
 @pytest.mark.parametrize("setup", SETUPS)
@@ -223,9 +232,10 @@ def test_t5_relative_position_bias_with_gradient(impl, setup):
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
     bias_grads = [n for n in grads if "relative_attention_bias" in n]
     assert bias_grads and all(grads[n].abs().sum() > 0 for n in bias_grads)
+    scale = _gradient_scale(ref_grads.values())
     for n, p in model.named_parameters():
         if p.grad is not None:
-            check_close(n, grads[n], p.grad, ref_grads.get(n))
+            check_close(n, grads[n], p.grad, ref_grads.get(n), scale)
 
 
 @pytest.mark.parametrize("setup", SETUPS)

@@ -189,7 +189,10 @@ def test_more_architectures(family, impl, setup):
     check_close(family, ours, expected, ref)
 
     # A training step (eval mode, so that dropout draws no random numbers): every site replaced in the graph
-    # compiled for training, and every parameter gradient as eager's.
+    # compiled for training, and every parameter gradient as eager's.  On the CPU (the Triton interpreter, CI's
+    # time budget) for the sdpa implementation; on the GPU for both.
+    if setup[0] == "cpu" and impl == "eager":
+        return
     grad_out = torch.randn_like(expected)
     torch.autograd.backward(_compiled_call(model, *args)[0], grad_out)
     assert counters["fa_inductor"]["replaced"] == sites, dict(counters["fa_inductor"])

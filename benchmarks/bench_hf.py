@@ -22,9 +22,10 @@ Modes, each timed with the harness (median of repeated runs, CUDA events through
   prefill   ``model(ids)`` under ``torch.no_grad()``: logits for a batch of ``--batch`` x L random tokens
   train     one training step: ``model(ids, labels=ids).loss.backward()`` (gradients set to None between steps;
             no optimizer, whose cost does not depend on the attention)
-  decode    greedy decoding with a KV cache after a ``--decode-context`` token prompt: ms per generated token
-            and tokens/s, from ``generate`` timed at ``--decode-tokens`` and at 1 new token (the difference
-            removes the prefill).  Compiled rows compile ``model.forward`` (dynamic shapes) as generate calls it.
+  decode    greedy decoding with a dynamic KV cache after a ``--decode-context`` token prompt: the prompt is
+            prefilled untimed, then ``--decode-tokens`` steps (the model on the last token and the cache, argmax)
+            are timed together; ms per step (median of ``--decode-reps`` runs) and tokens/s.  Compiled rows
+            compile the model with dynamic shapes, so the growing cache does not recompile.
 
 ``peak_mib`` is the peak CUDA memory of one call above what the model and its inputs hold.  Compiled variants
 compile each (mode, L) once outside the timed region (``compile_s`` is that first call's wall time).  Ratios
@@ -70,7 +71,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--decode-context", type=int, nargs="+", default=[4096],
                    help="prompt lengths for the decode mode")
-    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per timed generate call")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps per timed run")
+    p.add_argument("--decode-reps", type=int, default=5, help="timed decode runs (the median is reported)")
     p.add_argument("--eager-max-seqlen", type=int, default=8192,
                    help="skip the eager implementation above this length (its L x L weights do not fit)")
     p.add_argument("--warmup", type=int, default=3, help="do_bench warmup (ms on CUDA, calls on CPU)")
@@ -157,25 +159,31 @@ def _decode_row(args, model, impl: str, context: int) -> dict[str, Any]:
 
     model.eval()
     counters.clear()
+    run = model
     if impl in ("compile", "fa_inductor"):
         torch._dynamo.reset()
-        model.forward = torch.compile(model.__class__.forward.__get__(model), dynamic=True,
-                                      backend="fa_inductor" if impl == "fa_inductor" else "inductor")
+        run = torch.compile(model, dynamic=True, backend="fa_inductor" if impl == "fa_inductor" else "inductor")
     ids = torch.randint(0, args.vocab, (args.batch, context), device=args.device)
-    new = args.decode_tokens
+    steps = args.decode_tokens
 
-    def generate(n: int):
+    def decode() -> float:
+        """Prefill (untimed), then ``steps`` greedy decode steps with the KV cache: seconds per step."""
         with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
+            out = run(ids, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = run(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return (time.perf_counter() - start) / steps
 
-    try:
-        compile_s = _first_call(lambda: generate(new))
-        full = time_ms(lambda: generate(new), warmup=1, rep=args.rep, device=args.device)["ms"]
-        prefill = time_ms(lambda: generate(1), warmup=1, rep=args.rep, device=args.device)["ms"]
-    finally:
-        model.__dict__.pop("forward", None)
-    per_token = (full - prefill) / (new - 1)
+    compile_s = _first_call(decode)
+    decode()
+    per_token = sorted(decode() for _ in range(max(3, args.decode_reps)))[max(3, args.decode_reps) // 2] * 1e3
     return {"ms": per_token, "tokens_per_s": 1e3 * args.batch / per_token,
             "compile_s": compile_s if impl in ("compile", "fa_inductor") else None,
             "replaced": _replaced() if impl == "fa_inductor" else None}

@@ -159,10 +159,7 @@ def _decode_row(args, model, impl: str, context: int) -> dict[str, Any]:
 
     model.eval()
     counters.clear()
-    run = model
-    if impl in ("compile", "fa_inductor"):
-        torch._dynamo.reset()
-        run = torch.compile(model, dynamic=True, backend="fa_inductor" if impl == "fa_inductor" else "inductor")
+    run = _compiled(model, impl, dynamic=True)
     ids = torch.randint(0, args.vocab, (args.batch, context), device=args.device)
     steps = args.decode_tokens
 

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .common import LOG2E_JIT, launch, mma
 from .configs import padded_head_dim
+from .masking import bias_strides
 from .tile import tanh
 
 __all__ = ["eligible", "flash_decode", "MAX_QUERIES", "MAX_ROWS"]
@@ -197,7 +198,7 @@ def flash_decode(q, k, v, out, lse, scale: float, spec, dot: dict) -> None:
         bias_t, b_strides = q, (0, 0, 0, 0)
     else:
         bias_t = bias  # a bool mask is read as Triton int1 (a dtype view would not lower in Inductor)
-        b_strides = tuple(0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride()))
+        b_strides = bias_strides(bias)
     softcap = float(spec.softcap)
     qk_scale, cap = (scale / softcap, softcap) if softcap > 0 else (scale, 1.0)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -91,6 +91,8 @@ _Abstract = Union[_Index, Predicate, None]
 
 _COMPARE_FUNCTIONS = {operator.le: "le", torch.le: "le", operator.lt: "lt", torch.lt: "lt", operator.ge: "ge",
                       torch.ge: "ge", operator.gt: "gt", torch.gt: "gt"}
+# The comparison seen from the other side: ``a OP b`` is ``b _MIRROR[OP] a``.
+_MIRROR = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}
 _COMPARE_METHODS = {"le": "le", "__le__": "le", "lt": "lt", "__lt__": "lt", "ge": "ge", "__ge__": "ge",
                     "gt": "gt", "__gt__": "gt"}
 
@@ -228,7 +230,7 @@ def _evaluate(node, depth: int = 0) -> _Abstract:
         if not (isinstance(a, _Index) and isinstance(b, _Index)):
             return None
         if (a.dim, b.dim) == (-2, -1):  # query on the left: mirror the comparison
-            a, b, op = b, a, {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}[op]
+            a, b, op = b, a, _MIRROR[op]
         if (a.dim, b.dim) != (-1, -2):
             return None
         c = b.offset - a.offset  # key - query  OP  c
@@ -260,7 +262,7 @@ def _always_true(op: str, a, b, left, right) -> Optional[Predicate]:
 
     if isinstance(b, _Index) and not isinstance(a, _Index):
         a, b, left, right = b, a, right, left
-        op = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}[op]
+        op = _MIRROR[op]
     constant = _scalar(right)
     if not isinstance(a, _Index) or constant is None or op not in ("ge", "gt"):
         return None
@@ -299,7 +301,7 @@ def _all_true(node) -> bool:
         if node.op == "call_function" and node.target is torch.full:
             fill = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
             return isinstance(fill, (int, float)) and fill != 0
-        if _op(node) == "to" or (node.op == "call_method" and node.target in ("to", "bool", "int", "long", "float")):
+        if node.op == "call_method" and node.target in ("to", "bool", "int", "long", "float"):
             node = node.args[0]
             continue
         return False

@@ -232,8 +232,7 @@ def _lifted(pred: Predicate, shape, finite_fill: bool) -> Lifted:
         padding, empty_rows = pred.padding[0], True
     if finite_fill and empty_rows:
         raise Miss("mask_tensor", "finite-fill (finfo.min) mask whose fully masked rows are uniform in eager")
-    return Lifted(right == 0, bottom_right and (right >= 0 or left >= 0), (left, -1 if right == 0 else right),
-                  padding, empty_rows)
+    return Lifted(right == 0, bottom_right, (left, -1 if right == 0 else right), padding, empty_rows)
 
 
 def _lift_condition(mask: Node, masked_where_true: bool, shape, finite_fill: bool) -> Lifted:

@@ -3,6 +3,8 @@
   fa-inductor demo   compile a small decoder-only transformer (attention spelled three ways) with default
                      Inductor and with the fa_inductor backend; print the attention sites replaced, the error
                      against eager, time per training step and peak memory (CUDA when present, else CPU)
+  fa-inductor tune   tune kernel configs for shapes given here or found in a model (``fa_inductor.tune``),
+                     writing the persistent cache, a shippable table (--table) or a full report (--report)
 """
 
 from __future__ import annotations
@@ -16,6 +18,24 @@ def _demo(args) -> None:
     run_demo(device=args.device, seq_len=args.seq_len, repeat=args.repeat)
 
 
+def _tune_doc() -> str:
+    from . import tune
+
+    return tune.__doc__
+
+
+def _tune_arguments(parser) -> None:
+    from .tune import add_arguments
+
+    add_arguments(parser)
+
+
+def _tune(args) -> None:
+    from .tune import run_tune
+
+    run_tune(args)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="fa-inductor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,6 +45,10 @@ def main(argv=None) -> None:
     demo.add_argument("--seq-len", type=int, default=None, help="default: 4096 on CUDA, 128 on CPU")
     demo.add_argument("--repeat", type=int, default=5, help="timed training steps per run")
     demo.set_defaults(func=_demo)
+    tune = sub.add_parser("tune", help="tune kernel configs into the cache or a table file",
+                          description=_tune_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _tune_arguments(tune)
+    tune.set_defaults(func=_tune)
     args = parser.parse_args(argv)
     args.func(args)
 

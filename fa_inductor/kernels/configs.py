@@ -1,19 +1,32 @@
-"""Block-size configurations for the FlashAttention kernels.
+"""Block-size configurations for the FlashAttention kernels: the candidate space and its pruning.
 
-A config fixes the tile shape of one kernel launch: query rows per program (``block_m``), key rows per
-inner-loop step (``block_n``), warps and software-pipelining depth.  The defaults below are a small table per
-architecture family keyed by (dtype size, padded head dim); the autotuning work replaces it with generated,
-measured configs.  Everything here is plain data and pure functions: nothing queries a GPU at import.
+A config fixes the tile shape of one kernel launch: query rows per program or per step (``block_m``), key rows
+per step or per program (``block_n``), warps and software-pipelining depth.  A ``Problem`` is what a config is
+chosen for: direction (forward, backward dK/dV pass, backward dQ pass), element width, padded head dims, mask
+class and bucketed sequence lengths.
+
+Candidates are generated around the FlashAttention rule (FLASHATTENTION.md): with M elements of on-chip memory,
+key blocks of B_c = ceil(M / 4d) rows and query blocks of B_r = min(B_c, d) rows.  The generator spans a factor
+of two to four around (B_r, B_c), every warp count and pipeline depth the architecture supports, then cuts the
+list with named predicates (``PREDICATES``), each a pure function of (config, problem, arch) with its reason:
+nothing that would overflow shared memory or the register file is ever compiled.  ``model_choice`` ranks the
+survivors by the rule when nothing was measured.
+
+Everything here is plain data and pure functions: nothing queries a GPU at import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import itertools
+import math
+from typing import Callable, NamedTuple
 
-import torch
+from .arch import Arch
 
-__all__ = ["KernelConfig", "Direction", "default_config", "padded_head_dim"]
+__all__ = ["KernelConfig", "Direction", "Problem", "Predicate", "PREDICATES", "padded_head_dim", "length_bucket",
+           "flash_rule", "generate", "candidates", "rejections", "model_choice", "shared_memory_bytes",
+           "registers_per_thread", "INTERPRETER_CONFIG"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +39,20 @@ class KernelConfig:
     def launch_options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
+    def as_list(self) -> list[int]:
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages]
+
+    @classmethod
+    def from_list(cls, values) -> "KernelConfig":
+        block_m, block_n, num_warps, num_stages = (int(v) for v in values)
+        cfg = cls(block_m, block_n, num_warps, num_stages)
+        if not all(v > 0 and v & (v - 1) == 0 for v in (block_m, block_n, num_warps)) or num_stages < 1:
+            raise ValueError(f"not a kernel config: {list(values)}")
+        return cfg
+
+    def __str__(self) -> str:
+        return f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+
 
 class Direction:
     """Which kernel a config is for."""
@@ -33,6 +60,16 @@ class Direction:
     FORWARD = "fwd"
     BACKWARD_KV = "bwd_kv"  # dK/dV pass: block_n keys per program, block_m queries per step
     BACKWARD_Q = "bwd_q"  # dQ pass: block_m queries per program, block_n keys per step
+    ALL = (FORWARD, BACKWARD_KV, BACKWARD_Q)
+
+
+# The Triton interpreter runs on the CPU: small tiles keep it quick and make short test sequences span
+# several blocks, so that the loop and boundary paths are exercised.
+INTERPRETER_CONFIG = KernelConfig(16, 16, 1, 1)
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+WARPS = (1, 2, 4, 8)
+MIN_BUCKET, MAX_BUCKET = 128, 1 << 17
 
 
 def padded_head_dim(d: int) -> int:
@@ -40,49 +77,168 @@ def padded_head_dim(d: int) -> int:
     return max(16, 1 << (max(d, 1) - 1).bit_length())
 
 
-# (direction, max padded head dim) -> config, for 16-bit inputs on Hopper (sm90).  Rows are tried in order
-# and the first whose head-dim bound fits is used.
-_SM90_16BIT = {
-    Direction.FORWARD: ((64, KernelConfig(128, 64, 4, 3)), (128, KernelConfig(128, 64, 8, 3)),
-                        (256, KernelConfig(64, 64, 4, 2))),
-    Direction.BACKWARD_KV: ((64, KernelConfig(64, 128, 8, 2)), (128, KernelConfig(64, 128, 8, 2)),
-                            (256, KernelConfig(32, 64, 4, 2))),
-    Direction.BACKWARD_Q: ((64, KernelConfig(128, 64, 8, 2)), (128, KernelConfig(128, 64, 8, 2)),
-                           (256, KernelConfig(64, 32, 4, 2))),
-}
-
-# Ampere-class and anything unknown: smaller tiles that fit ~100 KB of shared memory.
-_GENERIC_16BIT = {
-    Direction.FORWARD: ((64, KernelConfig(128, 64, 4, 2)), (128, KernelConfig(64, 64, 4, 2)),
-                        (256, KernelConfig(64, 32, 4, 1))),
-    Direction.BACKWARD_KV: ((64, KernelConfig(64, 64, 4, 2)), (128, KernelConfig(32, 64, 4, 2)),
-                            (256, KernelConfig(16, 32, 4, 1))),
-    Direction.BACKWARD_Q: ((64, KernelConfig(64, 64, 4, 2)), (128, KernelConfig(64, 32, 4, 2)),
-                           (256, KernelConfig(32, 32, 4, 1))),
-}
-
-# The Triton interpreter runs on the CPU: small tiles keep it quick and make short test sequences span
-# several blocks, so that the loop and boundary paths are exercised.
-_INTERPRETER = KernelConfig(16, 16, 1, 1)
+def length_bucket(n) -> int:
+    """Sequence lengths in autotune keys: the next power of two, clamped to [128, 131072], so that a handful
+    of keys covers every length.  ``n`` may be None (a symbolic length without a hint): the 4k bucket."""
+    if n is None:
+        return 4096
+    n = max(int(n), 1)
+    return min(MAX_BUCKET, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
 
 
-def _halve(cfg: KernelConfig) -> KernelConfig:
-    """fp32 operands take twice the shared memory and registers of 16-bit ones."""
-    return KernelConfig(max(16, cfg.block_m // 2), max(16, cfg.block_n // 2), cfg.num_warps,
-                        max(1, cfg.num_stages - 1))
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What a config is chosen for.  ``dtype`` is the element width class ("16bit" for fp16/bf16, "fp32"),
+    ``head_d``/``head_dv`` the padded head dims, ``causal`` any causal or sliding-window structure, ``bias``
+    a bias or boolean mask tensor read tile by tile; lengths are ``length_bucket`` s."""
+
+    direction: str
+    dtype: str
+    head_d: int
+    head_dv: int
+    causal: bool
+    bias: bool
+    m_bucket: int
+    n_bucket: int
+
+    @property
+    def element_bytes(self) -> int:
+        return 4 if self.dtype == "fp32" else 2
+
+    def key(self, arch: Arch) -> str:
+        mask = ("causal" if self.causal else "full") + ("+bias" if self.bias else "")
+        return (f"{arch.name}/{self.dtype}/d{self.head_d}/dv{self.head_dv}/{mask}/{self.direction}/"
+                f"m{self.m_bucket}/n{self.n_bucket}")
+
+    @property
+    def outer_block(self) -> str:
+        """The block a program owns (the other one is the inner-loop step)."""
+        return "block_n" if self.direction == Direction.BACKWARD_KV else "block_m"
 
 
-@functools.lru_cache(maxsize=None)
-def _device_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def dtype_class(dtype) -> str:
+    return "fp32" if str(dtype).endswith("float32") else "16bit"
 
 
-def default_config(device: torch.device, dtype: torch.dtype, head_dim: int, value_head_dim: int,
-                   direction: str) -> KernelConfig:
-    if device.type != "cuda":
-        return _INTERPRETER
-    major, _ = _device_capability(device.index if device.index is not None else torch.cuda.current_device())
-    table = _SM90_16BIT if major >= 9 else _GENERIC_16BIT
-    width = padded_head_dim(max(head_dim, value_head_dim))
-    cfg = next(c for bound, c in table[direction] if width <= bound)
-    return _halve(cfg) if dtype == torch.float32 else cfg
+def flash_rule(problem: Problem, arch: Arch) -> tuple[int, int]:
+    """(B_r, B_c) of the FlashAttention rule for this problem, rounded down to powers of two in [16, 256]."""
+    elements = arch.shared_per_block // problem.element_bytes
+    d = max(problem.head_d, problem.head_dv)
+    b_c = math.ceil(elements / (4 * d))
+    b_r = min(b_c, d)
+
+    def pow2(x: int) -> int:
+        return min(256, max(16, 1 << (max(x, 1).bit_length() - 1)))
+
+    return pow2(b_r), pow2(b_c)
+
+
+# --- resource model ---------------------------------------------------------------------------------------
+
+def shared_memory_bytes(cfg: KernelConfig, problem: Problem, arch: Arch) -> int:
+    """Shared memory a launch needs: tiles loaded once, the ring of ``num_stages`` buffers the software pipeline
+    keeps for the streamed tiles, and one 16-bit score tile through which probabilities are re-laid out as an
+    MMA operand."""
+    e = problem.element_bytes
+    bm, bn, s = cfg.block_m, cfg.block_n, cfg.num_stages
+    d, dv = problem.head_d, problem.head_dv
+    if problem.direction == Direction.FORWARD:
+        resident, streamed = bm * d, bn * (d + dv)  # Q once; K and V per step
+    elif problem.direction == Direction.BACKWARD_KV:
+        resident, streamed = bn * (d + dv), bm * (d + dv)  # K, V once; Q and dO per step
+    else:
+        resident, streamed = bm * (d + dv), bn * (d + dv)  # Q, dO once; K and V per step
+    bias = s * bm * bn * e if problem.bias else 0
+    return e * (resident + s * streamed) + 2 * bm * bn + bias
+
+
+def registers_per_thread(cfg: KernelConfig, problem: Problem, arch: Arch) -> int:
+    """32-bit registers each thread holds: fp32 accumulators and score tiles spread over the warps, MMA operands
+    kept in registers where the tensor cores read them from there (mma_v2), and a fixed overhead for indices
+    and row statistics."""
+    threads = 32 * cfg.num_warps
+    bm, bn = cfg.block_m, cfg.block_n
+    d, dv = problem.head_d, problem.head_dv
+    packed = problem.element_bytes / 4
+    if problem.direction == Direction.FORWARD:
+        accumulators, tiles, operands = bm * dv, bm * bn, bm * d * packed
+    elif problem.direction == Direction.BACKWARD_KV:
+        accumulators, tiles, operands = bn * (d + dv), 2 * bm * bn, bn * (d + dv) * packed
+    else:
+        accumulators, tiles, operands = bm * d, 2 * bm * bn, bm * (d + dv) * packed
+    if arch.tensor_cores != "mma_v2":
+        operands = 0  # wgmma / tcgen05 read the resident operand from shared memory
+    return math.ceil((accumulators + tiles + operands) / threads) + 24
+
+
+class Predicate(NamedTuple):
+    name: str
+    reason: str
+    test: Callable[[KernelConfig, Problem, Arch], bool]
+    # A soft predicate is waived when nothing passes it (the least-bad configs are kept, see ``candidates``).
+    soft: bool = False
+
+
+def _loop_length(cfg: KernelConfig, problem: Problem) -> int:
+    if problem.direction == Direction.BACKWARD_KV:
+        return max(1, problem.m_bucket // cfg.block_m)
+    return max(1, problem.n_bucket // cfg.block_n)
+
+
+PREDICATES = (
+    Predicate("fits_shared_memory", "tiles and pipeline buffers exceed the shared memory one program may use",
+              lambda cfg, p, a: shared_memory_bytes(cfg, p, a) <= a.shared_per_block),
+    Predicate("fits_registers", "accumulators and score tiles exceed the per-thread register ceiling (spills)",
+              lambda cfg, p, a: registers_per_thread(cfg, p, a) <= a.max_registers, soft=True),
+    Predicate("score_tile_per_warp", "each warp must own at least one 16x16 MMA fragment of the score tile",
+              lambda cfg, p, a: cfg.block_m * cfg.block_n >= 256 * cfg.num_warps),
+    Predicate("pipeline_within_loop", "more pipeline stages than inner-loop iterations only cost shared memory",
+              lambda cfg, p, a: cfg.num_stages <= max(2, _loop_length(cfg, p))),
+    Predicate("tile_within_sequence", "a block longer than the sequence bucket computes only padding",
+              lambda cfg, p, a: cfg.block_m <= max(16, p.m_bucket) and cfg.block_n <= max(16, p.n_bucket)),
+    Predicate("stages_supported", "deeper pipelines than the architecture's loads can keep in flight",
+              lambda cfg, p, a: cfg.num_stages <= a.max_stages),
+)
+
+
+def generate(problem: Problem, arch: Arch) -> list[KernelConfig]:
+    """The unpruned candidate space: block sizes from half to twice the rule's B_r for the query block and from a
+    quarter to all of B_c for the key block, every warp count and pipeline depth."""
+    b_r, b_c = flash_rule(problem, arch)
+    rows = [b for b in BLOCK_SIZES if b_r // 2 <= b <= 2 * b_r]
+    cols = [b for b in BLOCK_SIZES if b_c // 4 <= b <= b_c]
+    stages = range(1, arch.max_stages + 1)
+    return [KernelConfig(m, n, w, s) for m, n, w, s in itertools.product(rows, cols, WARPS, stages)]
+
+
+def rejections(cfg: KernelConfig, problem: Problem, arch: Arch) -> list[Predicate]:
+    """The predicates ``cfg`` fails (empty: it is a candidate)."""
+    return [p for p in PREDICATES if not p.test(cfg, problem, arch)]
+
+
+def candidates(problem: Problem, arch: Arch) -> list[KernelConfig]:
+    """Generated configs that pass every predicate, best-first by the model (``model_choice`` is the first).
+    When no config passes the soft predicates (d=256 backward accumulators exceed the register file at any
+    tile), the configs that pass the hard ones are kept, those with the smallest register estimate first."""
+    generated = generate(problem, arch)
+    kept = [cfg for cfg in generated if not rejections(cfg, problem, arch)]
+    if kept:
+        return sorted(kept, key=lambda cfg: _model_rank(cfg, problem, arch))
+    hard = [cfg for cfg in generated if not any(not p.soft for p in rejections(cfg, problem, arch))]
+    return sorted(hard, key=lambda cfg: (registers_per_thread(cfg, problem, arch), _model_rank(cfg, problem, arch)))
+
+
+def _model_rank(cfg: KernelConfig, problem: Problem, arch: Arch) -> tuple:
+    """Closeness to the rule's tile (query block B_r; key block half of B_c, which leaves room for a pipeline),
+    then enough warps for the tile (one per 16x64 of it), then two stages (three with TMA-class loads)."""
+    b_r, b_c = flash_rule(problem, arch)
+    distance = abs(math.log2(cfg.block_m / b_r)) + abs(math.log2(cfg.block_n / max(16, b_c // 2)))
+    warps = min(8, max(4, cfg.block_m * cfg.block_n // 1024))
+    stages = 3 if arch.tma else 2
+    return distance, abs(cfg.num_warps - warps), abs(cfg.num_stages - stages), cfg.as_list()
+
+
+def model_choice(problem: Problem, arch: Arch) -> KernelConfig:
+    """The model's pick when nothing was measured; a minimal safe tile if the space is empty."""
+    kept = candidates(problem, arch)
+    return kept[0] if kept else KernelConfig(16, 16, 1, 1)

@@ -517,9 +517,10 @@ def bias_grad_layout(bias: torch.Tensor, shape: tuple) -> dict:
 
 
 def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, scale: float, spec, cfg_kv, cfg_q,
-                   dot: dict) -> None:
+                   dot: dict, passes: tuple = ("kv", "q")) -> None:
     """Launch the three backward kernels, writing dq, dk, dv (shapes of q, k, v; any strides) and, when
-    ``dbias`` is given (fp32, zero-filled, the bias's shape), the bias gradient."""
+    ``dbias`` is given (fp32, zero-filled, the bias's shape), the bias gradient.  ``passes`` leaves out the dK/dV
+    ("kv") or the dQ ("q") pass (the autotuner times one at a time)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     head_dv = v.shape[3]
@@ -556,18 +557,21 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
         )
     kv_args = args.with_block_lists(spec, rows=False)
     n_n_blocks = triton.cdiv(n_keys, cfg_kv.block_n)
-    launch(
-        _bwd_kv_kernel, (n_n_blocks * batch * kv_heads,),
-        q, k, v, grad_out, lse_units, delta, dk, dv, *kv_args.tensors,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *kv_args.bias_strides, *kv_args.sparse_strides, *kv_args.bounds_strides,
-        heads, kv_heads, heads // kv_heads, n_queries, n_keys, n_n_blocks, *kv_args.scalars, scale, lo_offset,
-        BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n,
-        # Block-sparse query tiles come a whole sparse block at a time: rows are in bounds when it divides M.
-        EVEN_M=divides(kv_args.flags["SPARSE_BLOCK"] or cfg_kv.block_m, n_queries),
-        SPARSE_MASKED=sparse_masked(spec, n_keys, cfg_kv.block_n), **kv_args.flags, **common,
-        **cfg_kv.launch_options(),
-    )
+    if "kv" in passes:
+        launch(
+            _bwd_kv_kernel, (n_n_blocks * batch * kv_heads,),
+            q, k, v, grad_out, lse_units, delta, dk, dv, *kv_args.tensors,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *kv_args.bias_strides, *kv_args.sparse_strides, *kv_args.bounds_strides,
+            heads, kv_heads, heads // kv_heads, n_queries, n_keys, n_n_blocks, *kv_args.scalars, scale, lo_offset,
+            BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n,
+            # Block-sparse query tiles come a whole sparse block at a time: rows are in bounds when it divides M.
+            EVEN_M=divides(kv_args.flags["SPARSE_BLOCK"] or cfg_kv.block_m, n_queries),
+            SPARSE_MASKED=sparse_masked(spec, n_keys, cfg_kv.block_n), **kv_args.flags, **common,
+            **cfg_kv.launch_options(),
+        )
+    if "q" not in passes:
+        return
     if dbias is not None:
         layout = bias_grad_layout(dbias, (batch, heads, n_queries, n_keys))
         dbias_t, dbias_strides = dbias, tuple(0 if n == 1 else s for n, s in zip(dbias.shape, dbias.stride()))

@@ -24,6 +24,7 @@ with memory linear in sequence length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Optional
 
@@ -32,7 +33,9 @@ from torch import Tensor
 
 from . import blockwise
 from .common import dot_options, empty_lse, empty_output, is_interpreted
-from .configs import Direction, default_config
+from . import autotune
+from .arch import current_arch
+from .configs import INTERPRETER_CONFIG, Direction
 from . import flash_decode
 from .flash_bwd import _bwd_kv_kernel, flash_backward
 from .flash_fwd import _flash_fwd_kernel, flash_forward
@@ -96,10 +99,26 @@ def mask_spec(query: Tensor, key: Tensor, is_causal: bool, bottom_right: bool, a
                     rng_state=rng_state if dropout_p > 0 else None, block_mask=block_mask, block_size=block_size)
 
 
-def _configs(query: Tensor, value: Tensor, spec: MaskSpec, *directions: str):
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _configs(query: Tensor, value: Tensor, spec: MaskSpec, *directions: str) -> list:
+    """One config per direction (``autotune.select_config``): memo, cache, shipped table, tuning, model."""
+    if query.device.type != "cuda":
+        return [INTERPRETER_CONFIG for _ in directions]
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    arch = current_arch(index)
+    # Tuning allocates and times its own tensors; never while a CUDA graph is being captured.
+    can_tune = not torch.cuda.is_current_stream_capturing()
     configs = []
     for direction in directions:
-        cfg = default_config(query.device, query.dtype, query.shape[-1], value.shape[-1], direction)
+        problem = autotune.problem_for(direction, query.dtype, query.shape[-1], value.shape[-1],
+                                       spec.left >= 0 or spec.right >= 0, spec.bias is not None, query.shape[2],
+                                       value.shape[2])
+        measure = (lambda p=problem: autotune.kernel_timer(p, torch.device("cuda", index))) if can_tune else None
+        cfg = autotune.select_config(problem, arch, _gpu_name(index), measure)
         if spec.block_mask is not None:
             # Kernel tiles must divide the sparse blocks (both are powers of two).
             cfg = dataclasses.replace(cfg, block_m=min(cfg.block_m, spec.block_size),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+from typing import Optional
 
 import torch
 from torch.fx import GraphModule
@@ -35,6 +36,23 @@ class Site:
     replaced: bool
     reason: str = ""
     detail: str = ""
+    shape: Optional[dict] = None  # replaced sites: what ``fa-inductor tune`` needs to tune for them
+
+
+def _shape(m: AttentionMatch) -> Optional[dict]:
+    """Sizes, dtype and mask class of a matched site, from the trace's example values (None when missing)."""
+    values = [n.meta.get("val", n.meta.get("example_value")) for n in (m.query, m.key, m.value)]
+    if any(not isinstance(v, torch.Tensor) for v in values):
+        return None
+    query, key, value = values
+    key_len = key.shape[-1] if m.key_needs_transpose else key.shape[-2]
+
+    def size(n):
+        return int(n) if isinstance(n, int) else None  # symbolic: the tuner uses its hint bucket
+
+    return {"dtype": str(query.dtype).replace("torch.", ""), "head_d": size(query.shape[-1]),
+            "head_dv": size(value.shape[-1]), "n_queries": size(query.shape[-2]), "n_keys": size(key_len),
+            "causal": bool(m.is_causal or m.window != (-1, -1)), "bias": m.mask is not None}
 
 
 def _apply(gm: GraphModule, m: AttentionMatch) -> None:
@@ -84,7 +102,7 @@ def rewrite_attention(gm: GraphModule, settings: Settings, apply: bool = True) -
             log.warning("fa_inductor: could not analyse the softmax at %s; left as it was", where, exc_info=True)
             site = Site(where, "", False, "internal_error", f"{type(error).__name__}: {error}")
         else:
-            site = Site(where, m.form, True)
+            site = Site(where, m.form, True, shape=_shape(m))
             if apply:
                 _apply(gm, m)
         sites.append(site)

@@ -347,11 +347,12 @@ def _shape(problem: Problem) -> tuple[int, int, int]:
     return heads, m, n
 
 
-def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40,
-                 compile_only: bool = False) -> Callable[[KernelConfig], float]:
+def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40, compile_only: bool = False,
+                 shape: Optional[tuple[int, int, int, int]] = None) -> Callable[[KernelConfig], float]:
     """``measure(cfg)``: median milliseconds of the problem's kernel (one pass of the backward) with ``cfg`` on
-    fresh random tensors of the problem's shape (``_shape``), allocated here, on ``device``.  With
-    ``compile_only`` it runs the kernel once (compiling it) and returns 0."""
+    fresh random tensors allocated here, on ``device``: ``shape`` = (batch, heads, M, N), by default one of the
+    problem's bucket lengths (``_shape``).  With ``compile_only`` it runs the kernel once (compiling it) and
+    returns 0."""
     import torch
     from triton.testing import do_bench
 
@@ -361,15 +362,15 @@ def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40
     from .op import mask_spec
 
     dtype = torch.float32 if problem.dtype == "fp32" else torch.bfloat16
-    heads, m, n = _shape(problem)
+    batch, heads, m, n = shape if shape is not None else (1, *_shape(problem))
     gen = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
 
     with real_tensors():
-        q, k, v = randn(1, heads, m, problem.head_d), randn(1, heads, n, problem.head_d), randn(1, heads, n,
-                                                                                                 problem.head_dv)
+        q, k, v = (randn(batch, heads, m, problem.head_d), randn(batch, heads, n, problem.head_d),
+                   randn(batch, heads, n, problem.head_dv))
         bias = randn(1, 1, m, n) if problem.bias else None
         spec = mask_spec(q, k, problem.causal, True, bias, -1, -1, None, None, 0.0, 0.0, None, None, 128)
         dot = dot_options(dtype, interpreted=False)

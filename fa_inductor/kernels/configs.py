@@ -229,10 +229,16 @@ def candidates(problem: Problem, arch: Arch) -> list[KernelConfig]:
 
 
 def _model_rank(cfg: KernelConfig, problem: Problem, arch: Arch) -> tuple:
-    """Closeness to the rule's tile (query block B_r; key block half of B_c, which leaves room for a pipeline),
-    then enough warps for the tile (one per 16x64 of it), then two stages (three with TMA-class loads)."""
+    """Closeness to the rule's tile, then enough warps for the tile (one per 16x64 of it), then two stages (three
+    with TMA-class loads).  The forward and the dQ pass own query blocks of B_r rows and stream keys in half of
+    B_c (room for the pipeline); the dK/dV pass owns key blocks of B_c rows and streams queries in B_r / 2."""
     b_r, b_c = flash_rule(problem, arch)
-    distance = abs(math.log2(cfg.block_m / b_r)) + abs(math.log2(cfg.block_n / max(16, b_c // 2)))
+    b_c = min(b_c, 128)  # past 128 keys a step, score tiles outgrow the registers before shared memory runs out
+    if problem.direction == Direction.BACKWARD_KV:
+        target_m, target_n = max(16, b_r // 2), b_c
+    else:
+        target_m, target_n = b_r, max(16, b_c // 2)
+    distance = abs(math.log2(cfg.block_m / target_m)) + abs(math.log2(cfg.block_n / target_n))
     warps = min(8, max(4, cfg.block_m * cfg.block_n // 1024))
     stages = 3 if arch.tma else 2
     return distance, abs(cfg.num_warps - warps), abs(cfg.num_stages - stages), cfg.as_list()

@@ -63,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=int, default=25)
     p.add_argument("--compile-time", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile-time-only", action="store_true")
+    p.add_argument("--write-table", default=None,
+                   help="also write the exhaustive search's winners as a shippable table (the sm90 table's source)")
+    p.add_argument("--from-json", default=None, help="with --write-table: take the rows of an earlier run's JSON")
+    p.add_argument("--table-arch", default="sm90", help="with --from-json: the architecture the run measured")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--stem", default="autotune")
     return p.parse_args(argv)
@@ -113,6 +117,27 @@ def config_rows(args):
                    "vs_best": result["ms"] / ms, "candidates": len(configs)}
 
 
+def write_table(rows, path: str, source: dict) -> None:
+    """The ``exhaustive_best`` config of every measured (head dim, causal, length, kernel) as a table file."""
+    from fa_inductor.kernels import autotune
+    from fa_inductor.kernels.configs import KernelConfig
+
+    entries = []
+    for row in rows:
+        if row.get("impl") != "exhaustive_best" or "config" not in row:
+            continue
+        problem = autotune.problem_for(row["mode"], torch.bfloat16, row["head_dim"], row["head_dim"], row["causal"],
+                                       False, row["seqlen"], row["seqlen"])
+        m, n, w, s = (int(part[1:]) for part in row["config"].split("/"))
+        entries.append({"key": problem.__dict__, "config": KernelConfig(m, n, w, s).as_list(), "ms": row["ms"]})
+    payload = {"arch": source["arch"], "gpu": source.get("gpu"), "measured": True,
+               "source": "benchmarks/bench_autotune.py exhaustive search, bf16, B x L = 16k tokens, 16 heads",
+               "torch": source.get("torch"), "triton": source.get("triton"), "created": source.get("timestamp"),
+               "entries": entries}
+    Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path} ({len(entries)} entries)")
+
+
 def compile_rows():
     for backend in ("inductor", "fa_inductor"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +157,12 @@ def compile_rows():
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        env = data["environment"]
+        write_table(data["rows"], args.write_table, {"arch": args.table_arch, "gpu": env.get("gpu"), "torch": env.get("torch"),
+                                                     "triton": env.get("triton"), "timestamp": env.get("timestamp")})
+        return
     rows = [] if args.compile_time_only else collect(config_rows(args))
     compile_times = collect(compile_rows()) if (args.compile_time or args.compile_time_only) else []
     summary = {}
@@ -143,6 +174,12 @@ def main(argv=None):
     if seconds.get(("fa_inductor", "first_step_cold")) and seconds.get(("inductor", "first_step_cold")):
         summary["cold_first_step_added_s"] = (seconds[("fa_inductor", "first_step_cold")]
                                               - seconds[("inductor", "first_step_cold")])
+    if args.write_table and rows:
+        from fa_inductor.kernels.arch import current_arch
+
+        env_info = {"arch": current_arch().name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "triton": __import__("triton").__version__, "timestamp": rows[0].get("timestamp")}
+        write_table(rows, args.write_table, env_info)
     write_results(rows, args.out_dir, args.stem, "Kernel configs: shipped table, exhaustive search, model pick",
                   PlotSpec(series="impl", panels=("head_dim", "causal", "mode")), table_columns=COLUMNS,
                   extra={"compile_times": compile_times, "summary": summary})

@@ -101,7 +101,7 @@ def config_rows(args):
         measure = autotune.kernel_timer(problem, device, warmup_ms=5, rep_ms=args.rep_ms, shape=shape)
         result = autotune.tune(problem, arch, measure, configs=configs)
         times = {tuple(c.as_list()): ms for c, ms, _ in result["timings"]}
-        picks = {"exhaustive_best": result["best"], "shipped": autotune.table_lookup(table, problem),
+        picks = {"exhaustive_best": result["best"], "shipped": autotune.table_lookup(table, problem, arch),
                  "model": model_choice(problem, arch)}
         for impl, cfg in picks.items():
             if cfg is None:

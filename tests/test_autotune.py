@@ -209,6 +209,13 @@ def test_table_lookup_nearest_bucket_and_bias_fallback():
     assert autotune.table_lookup(table, _problem("fwd", 128, m=65536, n=65536)) == KernelConfig(128, 128, 8, 2)
     assert autotune.table_lookup(table, _problem("fwd", 128, bias=True)) == KernelConfig(128, 64, 8, 3)
     assert autotune.table_lookup(table, _problem("fwd", 64)) is None
+    # Entries a problem's hard predicates reject are passed over: a 256-row tile for a 100-token sequence, a
+    # biased problem whose extra bias tiles no longer fit shared memory.
+    sm90 = arch_by_name("sm90")
+    big = {"arch": "sm90", "measured": True, "entries": {exact: KernelConfig(256, 64, 8, 4)}}
+    assert autotune.table_lookup(big, _problem("fwd", 128, m=100, n=100), sm90) is None
+    assert autotune.table_lookup(big, _problem("fwd", 128, bias=True), sm90) is None
+    assert autotune.table_lookup(big, _problem("fwd", 128), sm90) == KernelConfig(256, 64, 8, 4)
     assert autotune.table_lookup(table, _problem("bwd_q", 128)) is None
 
 
@@ -239,7 +246,7 @@ def test_selection_order_memo_cache_table_tune_model(fresh, monkeypatch):
     # A problem the shipped table has: no tuning.
     table_problem = _problem("fwd", 128)
     assert autotune.select_config(table_problem, sm90, "GPU", factory) == autotune.table_lookup(
-        autotune.shipped_table("sm90"), table_problem)
+        autotune.shipped_table("sm90"), table_problem, sm90)
     assert fresh["config_table"] == 1 and not calls
     # A problem it lacks: tuned over every candidate (ample budget), cached, then memoised.
     odd = _problem("fwd", 32, m=512, n=512)

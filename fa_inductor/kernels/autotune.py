@@ -201,10 +201,15 @@ def shipped_table(arch_name: str) -> dict:
     return load_table(path)
 
 
-def table_lookup(table: dict, problem: Problem) -> Optional[KernelConfig]:
-    """The entry for ``problem``, else the one of the nearest length buckets (log distance), else for a biased
-    problem its unbiased entry by the same rules; configs that the problem's predicates reject are skipped."""
+def table_lookup(table: dict, problem: Problem, arch: Optional[Arch] = None) -> Optional[KernelConfig]:
+    """The entry for ``problem``, else the one of the nearest length bucket (log distance), else for a biased
+    problem its unbiased entry by the same rules.  With ``arch``, entries that fail a hard predicate for this
+    very problem (a bias tile that no longer fits shared memory, a block longer than a short sequence) are
+    passed over."""
     from .configs import rejections
+
+    def usable(cfg: KernelConfig) -> bool:
+        return arch is None or not any(not p.soft for p in rejections(cfg, problem, arch))
 
     def nearest(target: Problem) -> Optional[KernelConfig]:
         same = [(p, c) for p, c in table["entries"].items()
@@ -213,14 +218,12 @@ def table_lookup(table: dict, problem: Problem) -> Optional[KernelConfig]:
 
         def distance(item):
             p = item[0]
-            return abs((p.m_bucket.bit_length() - target.m_bucket.bit_length())) + abs(
-                p.n_bucket.bit_length() - target.n_bucket.bit_length())
+            return (abs(p.m_bucket.bit_length() - target.m_bucket.bit_length())
+                    + abs(p.n_bucket.bit_length() - target.n_bucket.bit_length()))
 
-        for _, cfg in sorted(same, key=distance):
-            return cfg
-        return None
+        return next((cfg for _, cfg in sorted(same, key=distance) if usable(cfg)), None)
 
-    for target in (problem, Problem(**{**problem.__dict__, "bias": False})) if problem.bias else (problem,):
+    for target in (problem, dataclasses.replace(problem, bias=False)) if problem.bias else (problem,):
         cfg = nearest(target)
         if cfg is not None:
             return cfg
@@ -290,7 +293,7 @@ def select_config(problem: Problem, arch: Arch, gpu_name: Optional[str],
     if cache is not None:
         cfg, source = cache.get(key), "cache"
     if cfg is None:
-        cfg, source = table_lookup(shipped_table(arch.name), problem), "table"
+        cfg, source = table_lookup(shipped_table(arch.name), problem, arch), "table"
     if cfg is None and measure_factory is not None and tuning_allowed():
         result = tune(problem, arch, measure_factory(), budget_s=_budget())
         if result["best"] is not None:

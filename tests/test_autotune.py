@@ -2,6 +2,7 @@
 
 CPU tests exercise every architecture through ``FA_INDUCTOR_ARCH``; the GPU test tunes a real kernel."""
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -15,8 +16,9 @@ import torch
 
 from fa_inductor.kernels import autotune
 from fa_inductor.kernels.arch import ARCH_ENV, ARCHES, arch_by_name, arch_for_capability, current_arch
-from fa_inductor.kernels.configs import (PREDICATES, Direction, KernelConfig, Problem, candidates, flash_rule,
-                                         generate, length_bucket, model_choice, rejections, shared_memory_bytes)
+from fa_inductor.kernels.configs import (PREDICATES, Direction, KernelConfig, Problem, baseline_config, candidates,
+                                         flash_rule, generate, length_bucket, model_choice, rejections,
+                                         shared_memory_bytes)
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 160, 256)
 
@@ -201,20 +203,20 @@ def test_shipped_tables_load_and_respect_their_architecture(name, measured):
             assert {(direction, d, False), (direction, d, True)} <= covered
 
 
-def test_table_lookup_nearest_bucket_and_bias_fallback():
+def test_table_lookup_nearest_bucket_and_kernel_class():
     exact, other = _problem("fwd", 128, m=4096, n=4096), _problem("fwd", 128, m=32768, n=32768)
     table = {"arch": "sm90", "measured": True,
              "entries": {exact: KernelConfig(128, 64, 8, 3), other: KernelConfig(128, 128, 8, 2)}}
     assert autotune.table_lookup(table, _problem("fwd", 128, m=2048, n=2048)) == KernelConfig(128, 64, 8, 3)
     assert autotune.table_lookup(table, _problem("fwd", 128, m=65536, n=65536)) == KernelConfig(128, 128, 8, 2)
-    assert autotune.table_lookup(table, _problem("fwd", 128, bias=True)) == KernelConfig(128, 64, 8, 3)
+    # Entries serve the kernel class they were measured on only: no bias tensor, no extra features.
+    assert autotune.table_lookup(table, _problem("fwd", 128, bias=True)) is None
+    assert autotune.table_lookup(table, dataclasses.replace(_problem("fwd", 128), extras=True)) is None
     assert autotune.table_lookup(table, _problem("fwd", 64)) is None
-    # Entries a problem's hard predicates reject are passed over: a 256-row tile for a 100-token sequence, a
-    # biased problem whose extra bias tiles no longer fit shared memory.
+    # Entries a problem's hard predicates reject are passed over: a 256-row tile for a 100-token sequence.
     sm90 = arch_by_name("sm90")
     big = {"arch": "sm90", "measured": True, "entries": {exact: KernelConfig(256, 64, 8, 4)}}
     assert autotune.table_lookup(big, _problem("fwd", 128, m=100, n=100), sm90) is None
-    assert autotune.table_lookup(big, _problem("fwd", 128, bias=True), sm90) is None
     assert autotune.table_lookup(big, _problem("fwd", 128), sm90) == KernelConfig(256, 64, 8, 4)
     assert autotune.table_lookup(table, _problem("bwd_q", 128)) is None
 
@@ -233,7 +235,7 @@ def fresh(monkeypatch, tmp_path):
     autotune._default_cache.cache_clear()
 
 
-def test_selection_order_memo_cache_table_tune_model(fresh, monkeypatch):
+def test_selection_order_memo_cache_table_tune_baseline(fresh, monkeypatch):
     sm90 = arch_by_name("sm90")
     calls = []
 
@@ -257,11 +259,11 @@ def test_selection_order_memo_cache_table_tune_model(fresh, monkeypatch):
     # A new process (empty memo) finds it in the cache.
     autotune.clear_memo()
     assert autotune.select_config(odd, sm90, "GPU", factory) == best and fresh["config_cache"] == 1
-    # Tuning switched off: the model's pick.
+    # Tuning switched off: the verified baseline, not an untimed model pick.
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
     other = _problem("bwd_q", 32, m=512, n=512)
-    assert autotune.select_config(other, sm90, "GPU", factory) == model_choice(other, sm90)
-    assert fresh["config_model"] == 1
+    assert autotune.select_config(other, sm90, "GPU", factory) == baseline_config(other, sm90)
+    assert fresh["config_baseline"] == 1
 
 
 def test_tuning_budget_and_failing_configs(fresh):
@@ -322,8 +324,8 @@ def test_tuning_on_the_gpu_picks_a_config_that_computes_the_same(fresh, monkeypa
     from fa_inductor import scaled_dot_product_attention as fa_sdpa
 
     monkeypatch.setenv(autotune.BUDGET_ENV, "20")
-    q, k, v = (torch.randn(2, 3, 200, 40, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    out = fa_sdpa(q, k, v, is_causal=True)  # d=40 pads to 64; lengths bucket 256: not in the shipped table
+    q, k, v = (torch.randn(2, 3, 200, 24, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = fa_sdpa(q, k, v, is_causal=True)  # d=24 pads to 32: no shipped table has head dim 32
     out.sum().backward()
     assert fresh["config_tuned"] == 3  # forward and both backward passes
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.detach().double() for t in (q, k, v)),

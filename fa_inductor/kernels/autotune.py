@@ -1,15 +1,16 @@
-"""Choosing a kernel config for each launch: memo, persistent cache, shipped table, tuning, model.
+"""Choosing a kernel config for each launch: memo, persistent cache, shipped table, tuning, verified baseline.
 
 ``select_config(problem, arch, ...)`` answers, in order:
   1. this process's memo;
   2. the persistent cache (``ConfigCache``): one JSON file per (package, triton, torch, GPU name) in
      ``FA_INDUCTOR_CACHE_DIR`` or the user cache directory (``$XDG_CACHE_HOME/fa_inductor``);
-  3. the shipped table of the architecture (``tables/<arch>.json``), nearest length bucket, biased problems
-     falling back to their unbiased entry;
+  3. the shipped table of the architecture (``tables/<arch>.json``), nearest length bucket, for the kernel class
+     its entries were measured on (no bias tensor, no dropout / softcap / block-sparse / per-sequence lengths);
   4. tuning (``tune``), when allowed: the pruned candidates are timed on real tensors of the problem's bucket
      lengths that the tuner allocates itself, in the model's order, until ``FA_INDUCTOR_TUNE_BUDGET`` seconds
      (default 30) are spent; the winner goes to the memo and the cache;
-  5. the model's pick (``configs.model_choice``).
+  5. the baseline configs every kernel variant was verified with (``configs.baseline_config``); the resource
+     model's ranking (``configs.model_choice`` first) only orders what tuning tries.
 Tuning is allowed unless ``FA_INDUCTOR_AUTOTUNE=0``; it never runs on the tensors it was called with (at trace
 time those are fake), never inside a CUDA-graph capture and never on the CPU.  When the op is traced, the tuner
 steps out of the tracing modes to allocate and time its own tensors, as Inductor's own autotuning does, and the
@@ -37,8 +38,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from .arch import Arch
-from .configs import (Direction, KernelConfig, Problem, candidates, dtype_class, length_bucket, model_choice,
-                      padded_head_dim)
+from .configs import (Direction, KernelConfig, Problem, baseline_config, candidates, dtype_class, length_bucket,
+                      model_choice, padded_head_dim)
 
 __all__ = ["ConfigCache", "select_config", "shipped_table", "load_table", "table_lookup", "tune", "default_cache",
            "problem_for", "tuning_allowed", "clear_memo", "kernel_timer", "AUTOTUNE_ENV", "BUDGET_ENV",
@@ -202,32 +203,23 @@ def shipped_table(arch_name: str) -> dict:
 
 
 def table_lookup(table: dict, problem: Problem, arch: Optional[Arch] = None) -> Optional[KernelConfig]:
-    """The entry for ``problem``, else the one of the nearest length bucket (log distance), else for a biased
-    problem its unbiased entry by the same rules.  With ``arch``, entries that fail a hard predicate for this
-    very problem (a bias tile that no longer fits shared memory, a block longer than a short sequence) are
-    passed over."""
+    """The entry for ``problem``, else the one of the nearest length bucket (log distance).  With ``arch``,
+    entries that fail a hard predicate for this very problem (a block longer than a short sequence) are passed
+    over."""
     from .configs import rejections
 
     def usable(cfg: KernelConfig) -> bool:
         return arch is None or not any(not p.soft for p in rejections(cfg, problem, arch))
 
-    def nearest(target: Problem) -> Optional[KernelConfig]:
-        same = [(p, c) for p, c in table["entries"].items()
-                if (p.direction, p.dtype, p.head_d, p.head_dv, p.causal, p.bias)
-                == (target.direction, target.dtype, target.head_d, target.head_dv, target.causal, target.bias)]
+    same = [(p, c) for p, c in table["entries"].items()
+            if dataclasses.replace(p, m_bucket=0, n_bucket=0) == dataclasses.replace(problem, m_bucket=0, n_bucket=0)]
 
-        def distance(item):
-            p = item[0]
-            return (abs(p.m_bucket.bit_length() - target.m_bucket.bit_length())
-                    + abs(p.n_bucket.bit_length() - target.n_bucket.bit_length()))
+    def distance(item):
+        p = item[0]
+        return (abs(p.m_bucket.bit_length() - problem.m_bucket.bit_length())
+                + abs(p.n_bucket.bit_length() - problem.n_bucket.bit_length()))
 
-        return next((cfg for _, cfg in sorted(same, key=distance) if usable(cfg)), None)
-
-    for target in (problem, dataclasses.replace(problem, bias=False)) if problem.bias else (problem,):
-        cfg = nearest(target)
-        if cfg is not None:
-            return cfg
-    return None
+    return next((cfg for _, cfg in sorted(same, key=distance) if usable(cfg)), None)
 
 
 # --- tuning ------------------------------------------------------------------------------------------------
@@ -303,7 +295,7 @@ def select_config(problem: Problem, arch: Arch, gpu_name: Optional[str],
             if cache is not None:
                 cache.put(key, cfg, ms=result["ms"], tried=len(result["timings"]), complete=result["complete"])
     if cfg is None:
-        cfg, source = model_choice(problem, arch), "model"
+        cfg, source = baseline_config(problem, arch), "baseline"
     counters[f"config_{source}"] += 1
     with _MEMO_LOCK:
         _MEMO[key] = cfg
@@ -320,10 +312,10 @@ def _hint(n) -> Optional[int]:
 
 
 def problem_for(direction: str, dtype, head_d: int, head_dv: int, causal: bool, bias: bool, n_queries,
-                n_keys) -> Problem:
+                n_keys, extras: bool = False) -> Problem:
     """The problem of one launch; lengths may be symbolic (their hints pick the bucket, without a guard)."""
     return Problem(direction, dtype_class(dtype), padded_head_dim(head_d), padded_head_dim(head_dv), bool(causal),
-                   bool(bias), length_bucket(_hint(n_queries)), length_bucket(_hint(n_keys)))
+                   bool(bias), length_bucket(_hint(n_queries)), length_bucket(_hint(n_keys)), bool(extras))
 
 
 # --- timing the kernels on tensors of the problem's shape ---------------------------------------------------

@@ -25,8 +25,8 @@ from typing import Callable, NamedTuple
 from .arch import Arch
 
 __all__ = ["KernelConfig", "Direction", "Problem", "Predicate", "PREDICATES", "padded_head_dim", "length_bucket",
-           "flash_rule", "generate", "candidates", "rejections", "model_choice", "shared_memory_bytes",
-           "registers_per_thread", "INTERPRETER_CONFIG"]
+           "flash_rule", "generate", "candidates", "rejections", "model_choice", "baseline_config",
+           "shared_memory_bytes", "registers_per_thread", "INTERPRETER_CONFIG"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +100,17 @@ class Problem:
     bias: bool
     m_bucket: int
     n_bucket: int
+    # Dropout, softcapping, block-sparse lists or per-sequence lengths: kernel variants no table entry was
+    # measured on.
+    extras: bool = False
 
     @property
     def element_bytes(self) -> int:
         return 4 if self.dtype == "fp32" else 2
 
     def key(self, arch: Arch) -> str:
-        mask = ("causal" if self.causal else "full") + ("+bias" if self.bias else "")
+        mask = ("causal" if self.causal else "full") + ("+bias" if self.bias else "") + (
+            "+extras" if self.extras else "")
         return (f"{arch.name}/{self.dtype}/d{self.head_d}/dv{self.head_dv}/{mask}/{self.direction}/"
                 f"m{self.m_bucket}/n{self.n_bucket}")
 
@@ -248,3 +252,29 @@ def model_choice(problem: Problem, arch: Arch) -> KernelConfig:
     """The model's pick when nothing was measured; a minimal safe tile if the space is empty."""
     kept = candidates(problem, arch)
     return kept[0] if kept else KernelConfig(16, 16, 1, 1)
+
+
+# The configs every kernel variant ran with (and the GPU test suite passed with) before configs were generated:
+# (max padded head dim, fwd, bwd_kv, bwd_q) for 16-bit inputs, Hopper-class and other GPUs; fp32 halves them.
+# ``select_config`` falls back to these, not to an untimed model pick, when nothing measured covers a problem
+# and tuning is off.
+_BASELINE = {
+    True: ((64, (128, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2)),
+           (128, (128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2)),
+           (256, (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))),
+    False: ((64, (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
+            (128, (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)),
+            (256, (64, 32, 4, 1), (16, 32, 4, 1), (32, 32, 4, 1))),
+}
+
+
+def baseline_config(problem: Problem, arch: Arch) -> KernelConfig:
+    rows = _BASELINE[arch.capability >= (9, 0) and arch.shared_per_block > 200_000]
+    width = max(problem.head_d, problem.head_dv)
+    _, fwd, bwd_kv, bwd_q = next(row for row in rows if width <= row[0])
+    values = {Direction.FORWARD: fwd, Direction.BACKWARD_KV: bwd_kv, Direction.BACKWARD_Q: bwd_q}[problem.direction]
+    cfg = KernelConfig(*values)
+    if problem.dtype == "fp32":
+        cfg = KernelConfig(max(16, cfg.block_m // 2), max(16, cfg.block_n // 2), cfg.num_warps,
+                           max(1, cfg.num_stages - 1))
+    return cfg

@@ -114,9 +114,11 @@ def _configs(query: Tensor, value: Tensor, spec: MaskSpec, *directions: str) -> 
     can_tune = not torch.cuda.is_current_stream_capturing()
     configs = []
     for direction in directions:
+        extras = (spec.has_dropout or spec.softcap > 0 or spec.block_mask is not None or spec.seqlens_q is not None
+                  or spec.seqlens_k is not None)
         problem = autotune.problem_for(direction, query.dtype, query.shape[-1], value.shape[-1],
                                        spec.left >= 0 or spec.right >= 0, spec.bias is not None, query.shape[2],
-                                       value.shape[2])
+                                       value.shape[2], extras)
         measure = (lambda p=problem: autotune.kernel_timer(p, torch.device("cuda", index))) if can_tune else None
         cfg = autotune.select_config(problem, arch, _gpu_name(index), measure)
         if spec.block_mask is not None:

@@ -266,6 +266,18 @@ def test_selection_order_memo_cache_table_tune_baseline(fresh, monkeypatch):
     assert fresh["config_baseline"] == 1
 
 
+def test_a_tuner_that_cannot_start_leaves_the_baseline(fresh, caplog):
+    sm90 = arch_by_name("sm90")
+    problem = _problem("fwd", 32, m=512, n=512)
+
+    def factory():
+        raise RuntimeError("no memory for the tuning tensors")
+
+    with caplog.at_level(logging.WARNING, logger="fa_inductor"):
+        assert autotune.select_config(problem, sm90, "GPU", factory) == baseline_config(problem, sm90)
+    assert "could not set up tuning" in caplog.text and fresh["config_baseline"] == 1
+
+
 def test_tuning_budget_and_failing_configs(fresh):
     sm90 = arch_by_name("sm90")
     problem = _problem("fwd", 32, m=512, n=512)

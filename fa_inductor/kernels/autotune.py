@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Optional
 
 from .arch import Arch
 from .configs import (Direction, KernelConfig, Problem, baseline_config, candidates, dtype_class, length_bucket,
-                      model_choice, padded_head_dim)
+                      padded_head_dim)
 
 __all__ = ["ConfigCache", "select_config", "shipped_table", "load_table", "table_lookup", "tune", "default_cache",
            "problem_for", "tuning_allowed", "clear_memo", "kernel_timer", "AUTOTUNE_ENV", "BUDGET_ENV",
@@ -287,7 +287,12 @@ def select_config(problem: Problem, arch: Arch, gpu_name: Optional[str],
     if cfg is None:
         cfg, source = table_lookup(shipped_table(arch.name), problem, arch), "table"
     if cfg is None and measure_factory is not None and tuning_allowed():
-        result = tune(problem, arch, measure_factory(), budget_s=_budget())
+        try:
+            measure = measure_factory()
+        except Exception:  # noqa: BLE001 - tuning is an optimisation: never let it break a launch
+            log.warning("fa_inductor: could not set up tuning for %s; using the baseline config", key, exc_info=True)
+            measure = None
+        result = tune(problem, arch, measure, budget_s=_budget()) if measure is not None else {"best": None}
         if result["best"] is not None:
             cfg, source = result["best"], "tuned"
             log.info("fa_inductor: tuned %s in %d configs: %s (%.3f ms)", key, len(result["timings"]), cfg,
@@ -371,10 +376,10 @@ def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40
         scale = problem.head_d ** -0.5
         out, lse = empty_output(q, v), empty_lse(q)
         flash_forward(q, k, v, out, lse, scale, spec,
-                      model_choice(dataclasses.replace(problem, direction=Direction.FORWARD), _arch_of(device)), dot)
+                      baseline_config(dataclasses.replace(problem, direction=Direction.FORWARD), _arch_of(device)), dot)
         grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
         grad_out = randn(*out.shape)
-        fixed = {d: model_choice(dataclasses.replace(problem, direction=d), _arch_of(device))
+        fixed = {d: baseline_config(dataclasses.replace(problem, direction=d), _arch_of(device))
                  for d in (Direction.BACKWARD_KV, Direction.BACKWARD_Q)}
 
     def run(cfg: KernelConfig) -> None:

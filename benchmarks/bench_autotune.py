@@ -134,7 +134,7 @@ def write_table(rows, path: str, source: dict) -> None:
                "source": "benchmarks/bench_autotune.py exhaustive search, bf16, B x L = 16k tokens, 16 heads",
                "torch": source.get("torch"), "triton": source.get("triton"), "created": source.get("timestamp"),
                "entries": entries}
-    Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+    autotune.write_atomic(path, json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path} ({len(entries)} entries)")
 
 

@@ -18,24 +18,6 @@ def _demo(args) -> None:
     run_demo(device=args.device, seq_len=args.seq_len, repeat=args.repeat)
 
 
-def _tune_doc() -> str:
-    from . import tune
-
-    return tune.__doc__
-
-
-def _tune_arguments(parser) -> None:
-    from .tune import add_arguments
-
-    add_arguments(parser)
-
-
-def _tune(args) -> None:
-    from .tune import run_tune
-
-    run_tune(args)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="fa-inductor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,10 +27,12 @@ def main(argv=None) -> None:
     demo.add_argument("--seq-len", type=int, default=None, help="default: 4096 on CUDA, 128 on CPU")
     demo.add_argument("--repeat", type=int, default=5, help="timed training steps per run")
     demo.set_defaults(func=_demo)
+    from . import tune as tune_command  # stdlib imports only: torch loads when the command runs
+
     tune = sub.add_parser("tune", help="tune kernel configs into the cache or a table file",
-                          description=_tune_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    _tune_arguments(tune)
-    tune.set_defaults(func=_tune)
+                          description=tune_command.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tune_command.add_arguments(tune)
+    tune.set_defaults(func=tune_command.run_tune)
     args = parser.parse_args(argv)
     args.func(args)
 

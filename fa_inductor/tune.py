@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import importlib
@@ -54,10 +55,9 @@ def problems_from_args(args) -> list:
     from .kernels.autotune import problem_for
 
     causal = {"yes": (True,), "no": (False,), "both": (False, True)}[args.causal]
-    kv_lens = args.kv_seqlens or args.seqlens
     problems = []
     for d in args.head_dims:
-        for m, n in zip(args.seqlens, kv_lens) if args.kv_seqlens else ((s, s) for s in args.seqlens):
+        for m, n in zip(args.seqlens, args.kv_seqlens or args.seqlens):
             for c in causal:
                 for direction in args.directions:
                     problems.append(problem_for(direction, DTYPES[args.dtype], d, d, c, args.bias, m, n))
@@ -103,22 +103,18 @@ class _Progress:
         sys.stderr.write("\n")
 
 
-def _compile_worker(problem_fields: dict, configs: list, device_index: int) -> list:
-    """Compile (and run once) each config in a worker process, filling Triton's on-disk cache."""
+def _compile_worker(problem_fields: dict, configs: list, device_index: int) -> None:
+    """Compile (and run once) each config in a worker process, filling Triton's on-disk cache.  A config that
+    fails here fails again, with its message, when the main process times it."""
     import torch
 
     from .kernels.autotune import kernel_timer
     from .kernels.configs import KernelConfig, Problem
 
     run = kernel_timer(Problem(**problem_fields), torch.device("cuda", device_index), compile_only=True)
-    errors = []
     for values in configs:
-        try:
+        with contextlib.suppress(Exception):
             run(KernelConfig.from_list(values))
-            errors.append(None)
-        except Exception as exc:  # noqa: BLE001 - reported per config
-            errors.append(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
-    return errors
 
 
 def _precompile(jobs: int, work: list, device_index: int) -> None:
@@ -230,10 +226,10 @@ def _summary(results: list) -> None:
 
 
 def _write_json(path: str, payload: dict, announce: bool) -> None:
+    from .kernels.autotune import write_atomic
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, target)
+    write_atomic(target, json.dumps(payload, indent=1) + "\n")
     if announce:
         print(f"wrote {target}", file=sys.stderr)

@@ -39,10 +39,10 @@ from typing import Callable, Iterable, Optional
 
 from .arch import Arch
 from .configs import (Direction, KernelConfig, Problem, baseline_config, candidates, dtype_class, length_bucket,
-                      padded_head_dim)
+                      padded_head_dim, rejections)
 
 __all__ = ["ConfigCache", "select_config", "shipped_table", "load_table", "table_lookup", "tune", "default_cache",
-           "problem_for", "tuning_allowed", "clear_memo", "kernel_timer", "AUTOTUNE_ENV", "BUDGET_ENV",
+           "problem_for", "tuning_allowed", "clear_memo", "kernel_timer", "write_atomic", "AUTOTUNE_ENV", "BUDGET_ENV",
            "CACHE_DIR_ENV", "cache_fingerprint", "TABLE_DIR"]
 
 log = logging.getLogger("fa_inductor")
@@ -159,18 +159,24 @@ class ConfigCache:
                 self._warn("unwritable", exc)
 
     def _write(self, entries: dict) -> None:
-        payload = json.dumps({"fingerprint": self.fingerprint, "entries": entries}, indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "entries": entries}, indent=1,
+                                           sort_keys=True))
+
+
+def write_atomic(path: Path | str, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a temporary file beside it, fsync, ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,7 +212,6 @@ def table_lookup(table: dict, problem: Problem, arch: Optional[Arch] = None) -> 
     """The entry for ``problem``, else the one of the nearest length bucket (log distance).  With ``arch``,
     entries that fail a hard predicate for this very problem (a block longer than a short sequence) are passed
     over."""
-    from .configs import rejections
 
     def usable(cfg: KernelConfig) -> bool:
         return arch is None or not any(not p.soft for p in rejections(cfg, problem, arch))
@@ -361,6 +366,7 @@ def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40
     from .op import mask_spec
 
     dtype = torch.float32 if problem.dtype == "fp32" else torch.bfloat16
+    arch = _arch_of(device)
     batch, heads, m, n = shape if shape is not None else _shape(problem)
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -376,10 +382,10 @@ def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40
         scale = problem.head_d ** -0.5
         out, lse = empty_output(q, v), empty_lse(q)
         flash_forward(q, k, v, out, lse, scale, spec,
-                      baseline_config(dataclasses.replace(problem, direction=Direction.FORWARD), _arch_of(device)), dot)
+                      baseline_config(dataclasses.replace(problem, direction=Direction.FORWARD), arch), dot)
         grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
         grad_out = randn(*out.shape)
-        fixed = {d: baseline_config(dataclasses.replace(problem, direction=d), _arch_of(device))
+        fixed = {d: baseline_config(dataclasses.replace(problem, direction=d), arch)
                  for d in (Direction.BACKWARD_KV, Direction.BACKWARD_Q)}
 
     def run(cfg: KernelConfig) -> None:

@@ -114,11 +114,6 @@ class Problem:
         return (f"{arch.name}/{self.dtype}/d{self.head_d}/dv{self.head_dv}/{mask}/{self.direction}/"
                 f"m{self.m_bucket}/n{self.n_bucket}")
 
-    @property
-    def outer_block(self) -> str:
-        """The block a program owns (the other one is the inner-loop step)."""
-        return "block_n" if self.direction == Direction.BACKWARD_KV else "block_m"
-
 
 def dtype_class(dtype) -> str:
     return "fp32" if str(dtype).endswith("float32") else "16bit"

@@ -35,8 +35,8 @@ MAX_QUERIES = 16   # queries per (batch, head) that count as a decode step
 MAX_ROWS = 64      # G * M rows packed into one tile at most
 PROGRAMS_PER_SM = 1  # measured on an H100 (bench_decode sweep): more splits only add combine work
 MAX_SPLITS = 128   # key chunks per (batch, key head) at most
-# (BLOCK_N, num_warps, num_stages) of the split kernel, for head dims up to 64 (True) and above (False)
-SPLIT_CONFIG = {True: (64, 4, 3), False: (64, 4, 3)}
+# (BLOCK_N, num_warps, num_stages) of the split kernel: the H100 sweep found one best for head dims 64 and 128
+SPLIT_CONFIG = (64, 4, 3)
 
 
 @triton.jit
@@ -189,7 +189,7 @@ def flash_decode(q, k, v, out, lse, scale: float, spec, dot: dict) -> None:
     group = heads // kv_heads
     block_r = max(16, triton.next_power_of_2(group * n_queries))
     block_d, block_dv = padded_head_dim(head_d), padded_head_dim(head_dv)
-    block_n, num_warps, num_stages = SPLIT_CONFIG[max(block_d, block_dv) <= 64]
+    block_n, num_warps, num_stages = SPLIT_CONFIG
     chunk, n_splits, max_splits = _splits(q.device, batch * kv_heads, n_keys, block_n)
     out_part = q.new_empty((batch * kv_heads, n_splits, block_r, block_dv), dtype=torch.float32)
     stat_part = q.new_empty((batch * kv_heads, n_splits, 2, block_r), dtype=torch.float32)

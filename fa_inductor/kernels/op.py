@@ -105,17 +105,17 @@ def _gpu_name(index: int) -> str:
 
 
 def _configs(query: Tensor, value: Tensor, spec: MaskSpec, *directions: str) -> list:
-    """One config per direction (``autotune.select_config``): memo, cache, shipped table, tuning, model."""
+    """One config per direction (``autotune.select_config``): memo, cache, shipped table, tuning, baseline."""
     if query.device.type != "cuda":
         return [INTERPRETER_CONFIG for _ in directions]
     index = query.device.index if query.device.index is not None else torch.cuda.current_device()
     arch = current_arch(index)
     # Tuning allocates and times its own tensors; never while a CUDA graph is being captured.
     can_tune = not torch.cuda.is_current_stream_capturing()
+    extras = (spec.has_dropout or spec.softcap > 0 or spec.block_mask is not None or spec.seqlens_q is not None
+              or spec.seqlens_k is not None)
     configs = []
     for direction in directions:
-        extras = (spec.has_dropout or spec.softcap > 0 or spec.block_mask is not None or spec.seqlens_q is not None
-                  or spec.seqlens_k is not None)
         problem = autotune.problem_for(direction, query.dtype, query.shape[-1], value.shape[-1],
                                        spec.left >= 0 or spec.right >= 0, spec.bias is not None, query.shape[2],
                                        value.shape[2], extras)

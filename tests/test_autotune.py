@@ -310,12 +310,24 @@ def make_model():
     return Attn(), (q, torch.randn(1, 2, 96, 48), torch.randn(1, 2, 96, 48))
 
 
+def make_dropout_model():
+    """As ``make_model``, with attention dropout: a kernel variant the tables do not cover."""
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True)
+
+    return Attn(), make_model()[1]
+
+
 def test_problems_from_a_models_explain_report():
     from fa_inductor.tune import problems_from_model
 
     problems = problems_from_model(f"{__name__}:make_model", ["fwd", "bwd_q"])
     assert problems == [Problem("fwd", "fp32", 64, 64, True, False, 128, 128),
                         Problem("bwd_q", "fp32", 64, 64, True, False, 128, 128)]
+    # Dropout sites are tuned under the key the op looks up at run time (extras).
+    problems = problems_from_model(f"{__name__}:make_dropout_model", ["fwd"])
+    assert problems == [Problem("fwd", "fp32", 64, 64, True, False, 128, 128, extras=True)]
 
 
 def test_tune_command_writes_a_model_table(tmp_path):

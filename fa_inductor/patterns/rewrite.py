@@ -48,11 +48,12 @@ def _shape(m: AttentionMatch) -> Optional[dict]:
     key_len = key.shape[-1] if m.key_needs_transpose else key.shape[-2]
 
     def size(n):
-        return int(n) if isinstance(n, int) else None  # symbolic: the tuner uses its hint bucket
+        return int(n) if isinstance(n, int) else None  # symbolic: no size here (the tuner's default bucket)
 
     return {"dtype": str(query.dtype).replace("torch.", ""), "head_d": size(query.shape[-1]),
             "head_dv": size(value.shape[-1]), "n_queries": size(query.shape[-2]), "n_keys": size(key_len),
-            "causal": bool(m.is_causal or m.window != (-1, -1)), "bias": m.mask is not None}
+            "causal": bool(m.is_causal or m.window != (-1, -1)), "bias": m.mask is not None,
+            "extras": bool(m.softcap or m.dropout_p)}
 
 
 def _apply(gm: GraphModule, m: AttentionMatch) -> None:

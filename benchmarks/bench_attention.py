@@ -51,6 +51,7 @@ from harness import (
     peak_memory_mib,
     tflops,
     time_ms,
+    write_plot,
     write_results,
 )
 
@@ -321,7 +322,8 @@ def _compare_table(compared: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def write_compare(compared: Sequence[dict], out_dir: Path, stem: str, columns: Sequence[str] = COMPARE_ORDER) -> None:
-    """Print the ``compare_rows`` table (``columns``, then the ratios) and write ``<stem>_compare.md``."""
+    """Print the ``compare_rows`` table (``columns``, then the ratios), write ``<stem>_compare.md`` and plot
+    the ratios against sequence length, one line per peer, in ``<stem>_compare.png``."""
     if not compared:
         print(f"--compare: no {REFERENCE} rows to compare", file=sys.stderr)
         return
@@ -329,6 +331,13 @@ def write_compare(compared: Sequence[dict], out_dir: Path, stem: str, columns: S
     path = out_dir / f"{stem}_compare.md"
     path.write_text(f"# {REFERENCE} TFLOP/s relative to peers (>1 means {REFERENCE} is faster)\n\n{table}\n")
     print(f"\n{REFERENCE} TFLOP/s / peer TFLOP/s\n\n{table}\n\nwrote {path}")
+    long_rows = [{**{k: v for k, v in row.items() if not k.startswith("vs_")}, "peer": k[3:], "ratio": v}
+                 for row in compared for k, v in row.items() if k.startswith("vs_")]
+    spec = PlotSpec(y="ratio", series="peer", ylabel=f"{REFERENCE} / peer TFLOP/s", reference_line=1.0,
+                    panels=tuple(k for k in columns if k != "seqlen"))
+    plot = out_dir / f"{stem}_compare.png"
+    if write_plot(long_rows, plot, f"{REFERENCE} relative to peers (above 1: faster)", spec):
+        print(f"wrote {plot}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -295,6 +295,7 @@ class PlotSpec:
     xlabel: str = "sequence length"
     ylabel: str = "TFLOP/s"
     log2_x: bool = True
+    reference_line: float | None = None  # a dashed horizontal line at this y (e.g. 1.0 for ratios)
 
 
 def _short_number(value: float) -> str:
@@ -313,6 +314,8 @@ def _draw_panel(ax, rows: Sequence[Row], spec: PlotSpec, colors: dict[Any, Any])
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [_short_number(x) for x in xs])
         ax.minorticks_off()
+    if spec.reference_line is not None:
+        ax.axhline(spec.reference_line, color="black", linestyle="--", linewidth=0.8)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
 

@@ -79,7 +79,7 @@ def problems_from_model(spec: str, directions) -> list:
             continue
         for direction in directions:
             problems.append(problem_for(direction, s["dtype"], s["head_d"], s["head_dv"], s["causal"], s["bias"],
-                                        s["n_queries"], s["n_keys"], s["extras"]))
+                                        s["n_queries"], s["n_keys"], s["extras"], s.get("group") or 1))
     return list(dict.fromkeys(problems))
 
 

@@ -224,19 +224,20 @@ def test_gpu_grid_beyond_65535_heads():
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_int64_offsets():
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_gpu_int64_offsets(is_causal):
     """Tensors of more than 2**31 elements: offsets of the last heads overflow 32 bits."""
     if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
         pytest.skip("needs ~40 GiB of GPU memory")
     heads, length, d = 2**17 + 8, 128, 128
     assert heads * length * d > 2**31
     q, k, v = (t.requires_grad_() for t in make_qkv(1, heads, heads, length, length, d, d, torch.bfloat16, "cuda"))
-    out, _ = torch.ops.fa_inductor.flash_attention_forward(q, k, v, d ** -0.5, True, False)
+    out, _ = torch.ops.fa_inductor.flash_attention_forward(q, k, v, d ** -0.5, is_causal, False)
     grad = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
     sl = slice(heads - 3, heads)
     sub = [t.detach()[:, sl].double().requires_grad_() for t in (q, k, v)]
-    ref = attention_ref(*sub, scale=d ** -0.5, is_causal=True, upcast=False)
+    ref = attention_ref(*sub, scale=d ** -0.5, is_causal=is_causal, upcast=False)
     ref.backward(grad[:, sl].double())
     assert max_err(out[:, sl], ref) < 2e-2
     for g, r in zip((dq, dk, dv), sub):
@@ -250,3 +251,4 @@ def test_gpu_opcheck():
     for is_causal, bottom_right in CAUSAL.values():
         torch.library.opcheck(torch.ops.fa_inductor.flash_attention_forward.default,
                               (q, k, v, 0.125, is_causal, bottom_right))
+

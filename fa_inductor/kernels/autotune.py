@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from .arch import Arch
-from .configs import (Direction, KernelConfig, Problem, baseline_config, candidates, dtype_class, length_bucket,
-                      padded_head_dim, rejections)
+from .configs import (Direction, KernelConfig, Problem, baseline_config, candidates, dtype_class, group_bucket,
+                      length_bucket, padded_head_dim, rejections)
 
 __all__ = ["ConfigCache", "select_config", "shipped_table", "load_table", "table_lookup", "tune", "default_cache",
            "problem_for", "tuning_allowed", "clear_memo", "kernel_timer", "write_atomic", "AUTOTUNE_ENV", "BUDGET_ENV",
@@ -322,10 +322,12 @@ def _hint(n) -> Optional[int]:
 
 
 def problem_for(direction: str, dtype, head_d: int, head_dv: int, causal: bool, bias: bool, n_queries,
-                n_keys, extras: bool = False) -> Problem:
-    """The problem of one launch; lengths may be symbolic (their hints pick the bucket, without a guard)."""
+                n_keys, extras: bool = False, group: int = 1) -> Problem:
+    """The problem of one launch; lengths may be symbolic (their hints pick the bucket, without a guard).
+    ``group`` (query heads per key head) counts for the dK/dV kernel only."""
     return Problem(direction, dtype_class(dtype), padded_head_dim(head_d), padded_head_dim(head_dv), bool(causal),
-                   bool(bias), length_bucket(_hint(n_queries)), length_bucket(_hint(n_keys)), bool(extras))
+                   bool(bias), length_bucket(_hint(n_queries)), length_bucket(_hint(n_keys)), bool(extras),
+                   group_bucket(_hint(group) or 1) if direction == Direction.BACKWARD_KV else 1)
 
 
 # --- timing the kernels on tensors of the problem's shape ---------------------------------------------------
@@ -374,8 +376,9 @@ def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40
         return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
 
     with real_tensors():
-        q, k, v = (randn(batch, heads, m, problem.head_d), randn(batch, heads, n, problem.head_d),
-                   randn(batch, heads, n, problem.head_dv))
+        kv_heads = heads // problem.group
+        q, k, v = (randn(batch, heads, m, problem.head_d), randn(batch, kv_heads, n, problem.head_d),
+                   randn(batch, kv_heads, n, problem.head_dv))
         bias = randn(1, 1, m, n) if problem.bias else None
         spec = mask_spec(q, k, problem.causal, True, bias, -1, -1, None, None, 0.0, 0.0, None, None, 128)
         dot = dot_options(dtype, interpreted=False)

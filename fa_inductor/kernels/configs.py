@@ -103,6 +103,9 @@ class Problem:
     # Dropout, softcapping, block-sparse lists or per-sequence lengths: kernel variants no table entry was
     # measured on.
     extras: bool = False
+    # Query heads per key head (``group_bucket``), for the dK/dV kernel only: its programs loop over the group,
+    # so the group changes both their length and their number (1 for the other kernels).
+    group: int = 1
 
     @property
     def element_bytes(self) -> int:
@@ -112,7 +115,12 @@ class Problem:
         mask = ("causal" if self.causal else "full") + ("+bias" if self.bias else "") + (
             "+extras" if self.extras else "")
         return (f"{arch.name}/{self.dtype}/d{self.head_d}/dv{self.head_dv}/{mask}/{self.direction}/"
-                f"m{self.m_bucket}/n{self.n_bucket}")
+                f"m{self.m_bucket}/n{self.n_bucket}" + (f"/g{self.group}" if self.group > 1 else ""))
+
+
+def group_bucket(group: int) -> int:
+    """Query heads per key head, rounded down to a power of two in [1, 16]."""
+    return min(16, 1 << (max(int(group), 1).bit_length() - 1))
 
 
 def dtype_class(dtype) -> str:

@@ -118,7 +118,7 @@ def _configs(query: Tensor, value: Tensor, spec: MaskSpec, *directions: str) -> 
     for direction in directions:
         problem = autotune.problem_for(direction, query.dtype, query.shape[-1], value.shape[-1],
                                        spec.left >= 0 or spec.right >= 0, spec.bias is not None, query.shape[2],
-                                       value.shape[2], extras)
+                                       value.shape[2], extras, query.shape[1] // value.shape[1])
         measure = (lambda p=problem: autotune.kernel_timer(p, torch.device("cuda", index))) if can_tune else None
         cfg = autotune.select_config(problem, arch, _gpu_name(index), measure)
         if spec.block_mask is not None:

@@ -53,7 +53,17 @@ def _shape(m: AttentionMatch) -> Optional[dict]:
     return {"dtype": str(query.dtype).replace("torch.", ""), "head_d": size(query.shape[-1]),
             "head_dv": size(value.shape[-1]), "n_queries": size(query.shape[-2]), "n_keys": size(key_len),
             "causal": bool(m.is_causal or m.window != (-1, -1)), "bias": m.mask is not None,
-            "extras": bool(m.softcap or m.dropout_p)}
+            "extras": bool(m.softcap or m.dropout_p), "group": _group(query, value)}
+
+
+def _group(query: torch.Tensor, value: torch.Tensor) -> int:
+    """Query heads per key head as the op will see them (1 when unknown)."""
+    if query.dim() < 3 or value.dim() < 3:
+        return 1
+    heads, kv_heads = query.shape[-3], value.shape[-3]
+    if not (isinstance(heads, int) and isinstance(kv_heads, int)) or kv_heads == 0 or heads % kv_heads:
+        return 1
+    return heads // kv_heads
 
 
 def _apply(gm: GraphModule, m: AttentionMatch) -> None:

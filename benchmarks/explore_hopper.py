@@ -22,6 +22,7 @@ Findings on the H100 with Triton 3.6 (benchmarks/reference/explore_hopper_h100.m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -30,8 +31,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from triton.testing import do_bench
+
+from bench_attention import sdpa_attention
+from harness import attention_flops, tflops
 
 LOG2E = math.log2(math.e)
 
@@ -167,19 +171,21 @@ def fused_backward(q, k, v, out, lse, do, causal, bm, bn, warps, stages):
     return dq.to(q.dtype), dk, dv
 
 
-def tflops(b, h, n, d, causal, ms, factor=1.0):
-    flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0) * factor
-    return flops / ms / 1e9
+def _tflops(q, causal, ms, mode):
+    b, h, n, d = q.shape
+    return tflops(attention_flops(b, h, n, n, d, causal, mode), ms)
 
 
-def sdpa(backend):
-    def run(q, k, v, causal):
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return run
+def peers(causal):
+    """The implementations the variants are measured against, as attention(q, k, v)."""
+    import fa_inductor
+
+    return {"cudnn": sdpa_attention(SDPBackend.CUDNN_ATTENTION, is_causal=causal),
+            "flash": sdpa_attention(SDPBackend.FLASH_ATTENTION, is_causal=causal),
+            "fa_inductor": functools.partial(fa_inductor.scaled_dot_product_attention, is_causal=causal)}
 
 
-def inputs(n, d, causal, grad=False):
+def inputs(n, d, grad=False):
     b, h = max(1, 16384 // n), 2048 // d
     torch.manual_seed(0)
     return [torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(3)]
@@ -197,19 +203,15 @@ SHAPES = [(128, False, 16384), (128, False, 4096), (128, True, 16384), (128, Tru
 
 
 def part_fwd(rows, rep):
-    import fa_inductor
-
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     for d, causal, n in SHAPES:
-        q, k, v = inputs(n, d, causal)
-        b, h = q.shape[:2]
-        ref = sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v, causal)
-        peers = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flash": sdpa(SDPBackend.FLASH_ATTENTION),
-                 "fa_inductor": lambda q, k, v, c: fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=c)}
-        for name, fn in peers.items():
-            ms = do_bench(lambda: fn(q, k, v, causal), rep=rep)
+        q, k, v = inputs(n, d)
+        implementations = peers(causal)
+        ref = implementations["cudnn"](q, k, v)
+        for name, fn in implementations.items():
+            ms = do_bench(lambda: fn(q, k, v), rep=rep)
             rows.append(dict(part="fwd", impl=name, d=d, causal=causal, n=n, ms=ms,
-                             tflops=tflops(b, h, n, d, causal, ms), err=close(fn(q, k, v, causal), ref)))
+                             tflops=_tflops(q, causal, ms, "fwd"), err=close(fn(q, k, v), ref)))
             print(rows[-1], flush=True)
         for bm, bn, w, s in FWD_CONFIGS:
             for ws in ([False, True] if not causal else [False]):
@@ -223,7 +225,7 @@ def part_fwd(rows, rep):
                     if err > 2e-2:
                         raise AssertionError(f"wrong result: rel err {err:.3g}")
                     ms = do_bench(lambda: desc_forward(q, k, v, causal, bm, bn, w, s, ws), rep=rep)
-                    row.update(ms=ms, tflops=tflops(b, h, n, d, causal, ms))
+                    row.update(ms=ms, tflops=_tflops(q, causal, ms, "fwd"))
                 except Exception as exc:  # noqa: BLE001 - a failing variant is a result
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)
@@ -231,24 +233,17 @@ def part_fwd(rows, rep):
 
 
 def part_bwd(rows, rep):
-    import fa_inductor
-    from fa_inductor.kernels import op  # noqa: F401 - registers the ops
-
     for d, causal, n in SHAPES:
-        q, k, v = inputs(n, d, causal, grad=True)
-        b, h = q.shape[:2]
+        q, k, v = inputs(n, d, grad=True)
         do = torch.randn_like(q)
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            ref_out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        ref = torch.autograd.grad(ref_out, (q, k, v), do)
-        peers = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flash": sdpa(SDPBackend.FLASH_ATTENTION),
-                 "fa_inductor": lambda q, k, v, c: fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=c)}
-        for name, fn in peers.items():
-            out = fn(q, k, v, causal)
+        implementations = peers(causal)
+        ref = torch.autograd.grad(implementations["cudnn"](q, k, v), (q, k, v), do)
+        for name, fn in implementations.items():
+            out = fn(q, k, v)
             grads = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
             ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), rep=rep)
             rows.append(dict(part="bwd", impl=name, d=d, causal=causal, n=n, ms=ms,
-                             tflops=tflops(b, h, n, d, causal, ms, 2.5),
+                             tflops=_tflops(q, causal, ms, "bwd"),
                              err=max(close(g, r) for g, r in zip(grads, ref))))
             print(rows[-1], flush=True)
         qd, kd, vd = (t.detach() for t in (q, k, v))
@@ -264,7 +259,7 @@ def part_bwd(rows, rep):
                 if err > 3e-2:
                     raise AssertionError(f"wrong result: rel err {err:.3g}")
                 ms = do_bench(lambda: fused_backward(qd, kd, vd, out, lse, do, causal, bm, bn, w, s), rep=rep)
-                row.update(ms=ms, tflops=tflops(b, h, n, d, causal, ms, 2.5))
+                row.update(ms=ms, tflops=_tflops(q, causal, ms, "bwd"))
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append(row)

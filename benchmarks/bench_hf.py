@@ -180,7 +180,8 @@ def _decode_row(args, model, impl: str, context: int) -> dict[str, Any]:
 
     compile_s = _first_call(decode)
     decode()
-    per_token = sorted(decode() for _ in range(max(3, args.decode_reps)))[max(3, args.decode_reps) // 2] * 1e3
+    reps = max(3, args.decode_reps)
+    per_token = sorted(decode() for _ in range(reps))[reps // 2] * 1e3
     return {"ms": per_token, "tokens_per_s": 1e3 * args.batch / per_token,
             "compile_s": compile_s if impl in ("compile", "fa_inductor") else None,
             "replaced": _replaced() if impl == "fa_inductor" else None}

@@ -79,7 +79,7 @@ def problems_from_model(spec: str, directions) -> list:
             continue
         for direction in directions:
             problems.append(problem_for(direction, s["dtype"], s["head_d"], s["head_dv"], s["causal"], s["bias"],
-                                        s["n_queries"], s["n_keys"], s["extras"], s.get("group") or 1))
+                                        s["n_queries"], s["n_keys"], s["extras"], s["group"]))
     return list(dict.fromkeys(problems))
 
 
@@ -168,8 +168,9 @@ def run_tune(args) -> dict:
     meta = _metadata(arch, gpu, args)
     for problem, configs in work:
         key = problem.key(arch)
+        model = model_choice(problem, arch)
         if device is None:
-            best, ms, timings, complete = model_choice(problem, arch), None, [], False
+            best, ms, timings, complete = model, None, [], False
         else:
             measure = autotune.kernel_timer(problem, device, warmup_ms=5, rep_ms=args.rep_ms)
             out = autotune.tune(problem, arch, measure, budget_s=budget, configs=configs,
@@ -177,7 +178,6 @@ def run_tune(args) -> dict:
             best, ms, timings, complete = out["best"], out["ms"], out["timings"], out["complete"]
             if best is not None and cache is not None:
                 cache.put(key, best, ms=ms, tried=len(timings), complete=complete)
-        model = model_choice(problem, arch)
         model_ms = next((t for c, t, _ in timings if c == model), None)
         results.append({"key": dataclasses.asdict(problem), "name": key,
                         "config": best.as_list() if best else None, "ms": ms, "model_config": model.as_list(),
@@ -215,11 +215,13 @@ def _metadata(arch, gpu, args) -> dict:
 
 
 def _summary(results: list) -> None:
+    from .kernels.configs import KernelConfig
+
     width = max(len(r["name"]) for r in results)
     print(f"{'problem':<{width}}  {'tuned':<20} {'ms':>8}  {'model pick':<20} {'ms':>8}  timed")
     for r in results:
-        tuned = "-" if r["config"] is None else "M{}/N{}/w{}/s{}".format(*r["config"])
-        model = "M{}/N{}/w{}/s{}".format(*r["model_config"])
+        tuned = "-" if r["config"] is None else str(KernelConfig.from_list(r["config"]))
+        model = str(KernelConfig.from_list(r["model_config"]))
         fmt = lambda v: f"{v:8.3f}" if v is not None else f"{'-':>8}"  # noqa: E731
         print(f"{r['name']:<{width}}  {tuned:<20} {fmt(r['ms'])}  {model:<20} {fmt(r['model_ms'])}  "
               f"{r['timed']}/{r['candidates']}")

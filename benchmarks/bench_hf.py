@@ -77,6 +77,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="skip the eager implementation above this length (its L x L weights do not fit)")
     p.add_argument("--warmup", type=int, default=3, help="do_bench warmup (ms on CUDA, calls on CPU)")
     p.add_argument("--rep", type=int, default=20, help="do_bench measurement (ms on CUDA, calls on CPU)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also run one step of each prefill/train row under torch.profiler and print its N most "
+                        "expensive GPU kernels (total time per kernel name)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--stem", default="hf_llama")
     return p.parse_args(argv)
@@ -148,10 +151,31 @@ def _step_rows(args, model, impl: str, mode: str, seqlen: int) -> dict[str, Any]
     compile_s = _first_call(step) if impl in ("compile", "fa_inductor") else None
     timing = time_ms(step, warmup=args.warmup, rep=args.rep, device=args.device)
     peak = peak_memory_mib(step, device=args.device)
+    if args.profile:
+        print_profile(step, f"{impl} {mode} L={seqlen}", args.profile)
     for p in model.parameters():
         p.grad = None
     return {**timing, "peak_mib": peak, "compile_s": compile_s,
             "replaced": _replaced() if impl == "fa_inductor" else None}
+
+
+def print_profile(step: Callable[[], Any], title: str, top: int) -> None:
+    """One ``step`` under torch.profiler: its ``top`` GPU kernels by total time (CPU operators on a CPU run),
+    and the sum over all of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    print(f"--- {title}: {'GPU kernels' if cuda else 'CPU operators'} {sum(map(self_us, events)) / 1e3:.1f} ms "
+          "in all", flush=True)
+    for e in sorted(events, key=self_us, reverse=True)[:top]:
+        print(f"{self_us(e) / 1e3:9.2f} ms {e.count:5d}x  {e.key[:110]}", flush=True)
 
 
 def _decode_row(args, model, impl: str, context: int) -> dict[str, Any]:

@@ -217,7 +217,8 @@ def test_grouped_query_attention_is_its_own_dkdv_class():
     assert autotune.problem_for("bwd_q", torch.bfloat16, 64, 64, True, False, 512, 512, group=4).group == 1
     table = autotune.shipped_table("sm90")
     assert autotune.table_lookup(table, kv4, sm90) == KernelConfig(64, 64, 4, 3)
-    assert autotune.table_lookup(table, kv1, sm90) == KernelConfig(128, 128, 8, 4)
+    mha = autotune.table_lookup(table, kv1, sm90)
+    assert mha is not None and mha != KernelConfig(64, 64, 4, 3)  # the MHA shape keeps its own winner
     # a group with no measured entry is not served by the MHA entries
     kv8 = dataclasses.replace(kv4, group=8)
     assert autotune.table_lookup(table, kv8, sm90) is None

@@ -354,10 +354,13 @@ def _shape(problem: Problem) -> tuple[int, int, int, int]:
 
 
 def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40, compile_only: bool = False,
-                 shape: Optional[tuple[int, int, int, int]] = None) -> Callable[[KernelConfig], float]:
+                 shape: Optional[tuple[int, int, int, int]] = None,
+                 kv_heads: Optional[int] = None, split_kv: Optional[bool] = None) -> Callable[[KernelConfig], float]:
     """``measure(cfg)``: median milliseconds of the problem's kernel (one pass of the backward) with ``cfg`` on
     fresh random tensors allocated here, on ``device``: ``shape`` = (batch, heads, M, N), by default one of the
-    problem's bucket lengths (``_shape``).  With ``compile_only`` it runs the kernel once (compiling it) and
+    problem's bucket lengths (``_shape``), with ``kv_heads`` key heads (default: heads / the problem's group).
+    ``split_kv`` forces the dK/dV pass fused (False) or split (True) instead of ``configs.split_kv_pass``'s
+    choice.  With ``compile_only`` it runs the kernel once (compiling it) and
     returns 0."""
     import torch
     from triton.testing import do_bench
@@ -376,7 +379,7 @@ def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40
         return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
 
     with real_tensors():
-        kv_heads = heads // problem.group
+        kv_heads = kv_heads or heads // problem.group
         q, k, v = (randn(batch, heads, m, problem.head_d), randn(batch, kv_heads, n, problem.head_d),
                    randn(batch, kv_heads, n, problem.head_dv))
         bias = randn(1, 1, m, n) if problem.bias else None
@@ -398,7 +401,7 @@ def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40
         cfg_kv = cfg if problem.direction == Direction.BACKWARD_KV else fixed[Direction.BACKWARD_KV]
         cfg_q = cfg if problem.direction == Direction.BACKWARD_Q else fixed[Direction.BACKWARD_Q]
         flash_backward(grad_out, q, k, v, out, lse, None, *grads, None, scale, spec, cfg_kv, cfg_q, dot,
-                       passes=("kv",) if problem.direction == Direction.BACKWARD_KV else ("q",))
+                       passes=("kv",) if problem.direction == Direction.BACKWARD_KV else ("q",), split_kv=split_kv)
 
     def measure(cfg: KernelConfig) -> float:
         with real_tensors():

@@ -71,8 +71,6 @@ def parse_args(argv=None):
                         "time is the median of its timings")
     p.add_argument("--refine-within", type=float, default=0.15,
                    help="contenders re-timed by the later passes: within this fraction of the first pass's best")
-    p.add_argument("--split-kv", choices=["auto", "yes", "no"], default="auto",
-                   help="dK/dV pass as two launches (dV, then dK) or fused; auto: configs.split_kv_pass's rule")
     p.add_argument("--compile-time", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile-time-only", action="store_true")
     p.add_argument("--write-table", default=None,
@@ -108,12 +106,11 @@ def config_rows(args):
                     problem = autotune.problem_for(mode, torch.bfloat16, d, d, causal, False, seqlen, seqlen,
                                                    group=args.heads // (args.kv_heads or args.heads))
                     plans.append((problem, (batch, args.heads, seqlen, seqlen), candidates(problem, arch)))
-    split_kv = {"auto": None, "yes": True, "no": False}[args.split_kv]
-    _precompile(args.jobs, [(p, c) for p, _, c in plans], device.index, split_kv)
+    _precompile(args.jobs, [(p, c) for p, _, c in plans], device.index)
     for problem, shape, configs in plans:
         batch, heads, seqlen, _ = shape
         measure = autotune.kernel_timer(problem, device, warmup_ms=5, rep_ms=args.rep_ms, shape=shape,
-                                        kv_heads=args.kv_heads, split_kv=split_kv)
+                                        kv_heads=args.kv_heads)
         # The first pass times every candidate.  A single timing can be off by 5-15 % now and then (clock and
         # power swings), so each later pass (--passes) re-times the contenders again, one after another: those
         # within --refine-within of the first pass's best, and the shipped and model picks.  A config's time is

@@ -103,7 +103,7 @@ class _Progress:
         sys.stderr.write("\n")
 
 
-def _compile_worker(problem_fields: dict, configs: list, device_index: int, split_kv=None) -> None:
+def _compile_worker(problem_fields: dict, configs: list, device_index: int) -> None:
     """Compile (and run once) each config in a worker process, filling Triton's on-disk cache.  A config that
     fails here fails again, with its message, when the main process times it."""
     import torch
@@ -111,16 +111,14 @@ def _compile_worker(problem_fields: dict, configs: list, device_index: int, spli
     from .kernels.autotune import kernel_timer
     from .kernels.configs import KernelConfig, Problem
 
-    run = kernel_timer(Problem(**problem_fields), torch.device("cuda", device_index), compile_only=True,
-                       split_kv=split_kv)
+    run = kernel_timer(Problem(**problem_fields), torch.device("cuda", device_index), compile_only=True)
     for values in configs:
         with contextlib.suppress(Exception):
             run(KernelConfig.from_list(values))
 
 
-def _precompile(jobs: int, work: list, device_index: int, split_kv=None) -> None:
-    """Compile every (problem, configs) pair in ``jobs`` spawned processes; failures surface again when timed.
-    ``split_kv``: as for ``autotune.kernel_timer``."""
+def _precompile(jobs: int, work: list, device_index: int) -> None:
+    """Compile every (problem, configs) pair in ``jobs`` spawned processes; failures surface again when timed."""
     if jobs <= 0 or not work:
         return
     chunks = []
@@ -131,8 +129,7 @@ def _precompile(jobs: int, work: list, device_index: int, split_kv=None) -> None
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = [pool.submit(_compile_worker, fields, configs, device_index, split_kv)
-                   for fields, configs in chunks]
+        futures = [pool.submit(_compile_worker, fields, configs, device_index) for fields, configs in chunks]
         for future in concurrent.futures.as_completed(futures):
             future.result()
     print(f"compiled {sum(len(c) for _, c in chunks)} configs in {jobs} workers in "

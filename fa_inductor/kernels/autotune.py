@@ -355,13 +355,11 @@ def _shape(problem: Problem) -> tuple[int, int, int, int]:
 
 def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40, compile_only: bool = False,
                  shape: Optional[tuple[int, int, int, int]] = None,
-                 kv_heads: Optional[int] = None, split_kv: Optional[bool] = None) -> Callable[[KernelConfig], float]:
+                 kv_heads: Optional[int] = None) -> Callable[[KernelConfig], float]:
     """``measure(cfg)``: median milliseconds of the problem's kernel (one pass of the backward) with ``cfg`` on
     fresh random tensors allocated here, on ``device``: ``shape`` = (batch, heads, M, N), by default one of the
     problem's bucket lengths (``_shape``), with ``kv_heads`` key heads (default: heads / the problem's group).
-    ``split_kv`` forces the dK/dV pass fused (False) or split (True) instead of ``configs.split_kv_pass``'s
-    choice.  With ``compile_only`` it runs the kernel once (compiling it) and
-    returns 0."""
+    With ``compile_only`` it runs the kernel once (compiling it) and returns 0."""
     import torch
     from triton.testing import do_bench
 
@@ -401,7 +399,7 @@ def kernel_timer(problem: Problem, device, warmup_ms: int = 10, rep_ms: int = 40
         cfg_kv = cfg if problem.direction == Direction.BACKWARD_KV else fixed[Direction.BACKWARD_KV]
         cfg_q = cfg if problem.direction == Direction.BACKWARD_Q else fixed[Direction.BACKWARD_Q]
         flash_backward(grad_out, q, k, v, out, lse, None, *grads, None, scale, spec, cfg_kv, cfg_q, dot,
-                       passes=("kv",) if problem.direction == Direction.BACKWARD_KV else ("q",), split_kv=split_kv)
+                       passes=("kv",) if problem.direction == Direction.BACKWARD_KV else ("q",))
 
     def measure(cfg: KernelConfig) -> float:
         with real_tensors():

@@ -123,17 +123,6 @@ def group_bucket(group: int) -> int:
     return min(16, 1 << (max(int(group), 1).bit_length() - 1))
 
 
-# The dK/dV pass holds two [BLOCK_N, d] fp32 accumulators.  From a padded head dim of 256 on, they alone take
-# the per-thread register ceiling at any tile worth running, and the pass spills; it then runs as two launches,
-# dV then dK, each with one accumulator: one more score matmul (5 instead of 4) buys tiles that fit.
-SPLIT_KV_HEAD_DIM = 256
-
-
-def split_kv_pass(head_d: int, head_dv: int) -> bool:
-    """Whether the dK/dV pass runs as two launches (dV, then dK) for these head dims (``SPLIT_KV_HEAD_DIM``)."""
-    return max(padded_head_dim(head_d), padded_head_dim(head_dv)) >= SPLIT_KV_HEAD_DIM
-
-
 def dtype_class(dtype) -> str:
     return "fp32" if str(dtype).endswith("float32") else "16bit"
 
@@ -182,8 +171,6 @@ def registers_per_thread(cfg: KernelConfig, problem: Problem, arch: Arch) -> int
         accumulators, tiles, operands = bm * dv, bm * bn, bm * d * packed
     elif problem.direction == Direction.BACKWARD_KV:
         accumulators, tiles, operands = bn * (d + dv), 2 * bm * bn, bn * (d + dv) * packed
-        if split_kv_pass(d, dv):  # each launch keeps one accumulator (dV or dK)
-            accumulators = bn * max(d, dv)
     else:
         accumulators, tiles, operands = bm * d, 2 * bm * bn, bm * (d + dv) * packed
     if arch.tensor_cores != "mma_v2":

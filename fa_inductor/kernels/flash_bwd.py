@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E_JIT, divides, launch, mma, round_to
-from .configs import padded_head_dim, split_kv_pass
+from .configs import padded_head_dim
 from .masking import kernel_arguments, sparse_masked
 from .rng import philox_keep
 from .tile import bounded_key_range, key_range, query_range, score_tile, sequence_bounds
@@ -149,10 +149,9 @@ def _bwd_kv_stage(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, lo_offset, delta_ptrs
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
                   SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
                   EVEN_DV: tl.constexpr, SPARSE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  SOFT_BF16: tl.constexpr, KV_PART: tl.constexpr):
+                  SOFT_BF16: tl.constexpr):
     """Query tiles [start_m, end_m) in steps of BLOCK_M; block-sparse (SPARSE_BLOCK > 0): tiles start_m ...
-    end_m - 1 of the query blocks listed at ``sparse_ptr``, in one flat loop.  KV_PART: 0 accumulates dK and
-    dV, 1 dV only (no dP), 2 dK only (``v``'s product dP, no dV)."""
+    end_m - 1 of the query blocks listed at ``sparse_ptr``, in one flat loop."""
     NATURAL: tl.constexpr = BIAS == 1
     STEP: tl.constexpr = 1 if SPARSE_BLOCK > 0 else BLOCK_M
     TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_M if SPARSE_BLOCK > 0 else 1
@@ -191,26 +190,21 @@ def _bwd_kv_stage(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, lo_offset, delta_ptrs
             do = tl.load(do_ptrs_t)
         else:
             do = tl.load(do_ptrs_t, mask=(rows[:, None] < n_queries) & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        if EVEN_M:
+            delta = tl.load(delta_ptrs_t)
+        else:
+            delta = tl.load(delta_ptrs_t, mask=rows < n_queries, other=0.0)
+        dp_t = mma(v, tl.trans(do), None, DOT_PRECISION, SOFT_BF16)
         if DROPOUT:
             keep = philox_keep(seed, rng_offset, offs_n[:, None], rows[None, :], bh, threshold)
-        if KV_PART != 2:
-            if DROPOUT:
-                dv = mma(round_to(tl.where(keep, p_t, 0.0), do.dtype, SOFT_BF16), do, dv, DOT_PRECISION,
-                         SOFT_BF16)
-            else:
-                dv = mma(round_to(p_t, do.dtype, SOFT_BF16), do, dv, DOT_PRECISION, SOFT_BF16)
-        if KV_PART != 1:
-            if EVEN_M:
-                delta = tl.load(delta_ptrs_t)
-            else:
-                delta = tl.load(delta_ptrs_t, mask=rows < n_queries, other=0.0)
-            dp_t = mma(v, tl.trans(do), None, DOT_PRECISION, SOFT_BF16)
-            if DROPOUT:
-                dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
-            ds_t = p_t * (dp_t - delta[None, :])
-            if SOFTCAP:
-                ds_t = ds_t * (1.0 - t_t * t_t)
-            dk = mma(round_to(ds_t, q.dtype, SOFT_BF16), q, dk, DOT_PRECISION, SOFT_BF16)
+            dv = mma(round_to(tl.where(keep, p_t, 0.0), do.dtype, SOFT_BF16), do, dv, DOT_PRECISION, SOFT_BF16)
+            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+        else:
+            dv = mma(round_to(p_t, do.dtype, SOFT_BF16), do, dv, DOT_PRECISION, SOFT_BF16)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        dk = mma(round_to(ds_t, q.dtype, SOFT_BF16), q, dk, DOT_PRECISION, SOFT_BF16)
     return dk, dv
 
 
@@ -233,7 +227,7 @@ def _bwd_kv_kernel(
     HAS_RIGHT: tl.constexpr, HAS_SEQ_Q: tl.constexpr, HAS_SEQ_K: tl.constexpr, BIAS: tl.constexpr,
     BIAS_ROW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
     SPARSE_MASKED: tl.constexpr, KEY_BOUNDS: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFT_BF16: tl.constexpr, KV_PART: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     tl.static_assert(SPARSE_BLOCK % BLOCK_M == 0 and SPARSE_BLOCK % BLOCK_N == 0)
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_D
@@ -264,11 +258,8 @@ def _bwd_kv_kernel(
     kv_mask = offs_n[:, None] < n_keys
     k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + key_rows * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_mask & (offs_d[None, :] < HEAD_D), other=0.0)
-    if KV_PART == 1:
-        v = k  # the dV-only part never reads V
-    else:
-        v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + key_rows * stride_vn
-                    + offs_dv[None, :] * stride_vd, mask=kv_mask & (offs_dv[None, :] < HEAD_DV), other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + key_rows * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=kv_mask & (offs_dv[None, :] < HEAD_DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -301,8 +292,7 @@ def _bwd_kv_kernel(
                 SparseIndex + sparse_col * n_sparse_rows, 0, n_tiles, offs_n, offs_mb, offs_d, offs_dv, stride_qm,
                 stride_dom, stride_bm, stride_bn, n_queries, n_keys, lk, shift, left, right, qk_scale, cap, seed,
                 rng_offset, bh, threshold, drop_scale, HEAD_D, HEAD_DV, BLOCK_M, SPARSE_MASKED, HAS_LEFT, HAS_RIGHT,
-                BIAS, BIAS_ROW, SOFTCAP, DROPOUT, EVEN_M, EVEN_D, EVEN_DV, SPARSE_BLOCK, DOT_PRECISION, SOFT_BF16,
-                KV_PART)
+                BIAS, BIAS_ROW, SOFTCAP, DROPOUT, EVEN_M, EVEN_D, EVEN_DV, SPARSE_BLOCK, DOT_PRECISION, SOFT_BF16)
         else:
             for stage in tl.static_range(3):
                 # [lo, full_lo) and [full_hi, hi) are masked, [full_lo, full_hi) is not.
@@ -318,19 +308,15 @@ def _bwd_kv_kernel(
                     n_queries,
                     n_keys, lk, shift, left, right, qk_scale, cap, seed, rng_offset, bh, threshold, drop_scale,
                     HEAD_D, HEAD_DV, BLOCK_M, stage != 1, HAS_LEFT, HAS_RIGHT, BIAS, BIAS_ROW, SOFTCAP, DROPOUT,
-                    EVEN_M, EVEN_D, EVEN_DV, 0, DOT_PRECISION, SOFT_BF16, KV_PART)
+                    EVEN_M, EVEN_D, EVEN_DV, 0, DOT_PRECISION, SOFT_BF16)
 
     dk = dk * scale
     if DROPOUT:
         dv = dv * drop_scale
-    if KV_PART != 1:
-        tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + key_rows * stride_dkn
-                 + offs_d[None, :] * stride_dkd,
-                 round_to(dk, DK.dtype.element_ty, SOFT_BF16), mask=kv_mask & (offs_d[None, :] < HEAD_D))
-    if KV_PART != 2:
-        tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + key_rows * stride_dvn
-                 + offs_dv[None, :] * stride_dvd,
-                 round_to(dv, DV.dtype.element_ty, SOFT_BF16), mask=kv_mask & (offs_dv[None, :] < HEAD_DV))
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + key_rows * stride_dkn + offs_d[None, :] * stride_dkd,
+             round_to(dk, DK.dtype.element_ty, SOFT_BF16), mask=kv_mask & (offs_d[None, :] < HEAD_D))
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + key_rows * stride_dvn + offs_dv[None, :] * stride_dvd,
+             round_to(dv, DV.dtype.element_ty, SOFT_BF16), mask=kv_mask & (offs_dv[None, :] < HEAD_DV))
 
 
 @triton.jit
@@ -531,11 +517,10 @@ def bias_grad_layout(bias: torch.Tensor, shape: tuple) -> dict:
 
 
 def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, scale: float, spec, cfg_kv, cfg_q,
-                   dot: dict, passes: tuple = ("kv", "q"), split_kv: bool | None = None) -> None:
+                   dot: dict, passes: tuple = ("kv", "q")) -> None:
     """Launch the three backward kernels, writing dq, dk, dv (shapes of q, k, v; any strides) and, when
     ``dbias`` is given (fp32, zero-filled, the bias's shape), the bias gradient.  ``passes`` leaves out the dK/dV
-    ("kv") or the dQ ("q") pass (the autotuner times one at a time).  ``split_kv`` runs the dK/dV pass as two
-    launches, dV then dK (default: ``configs.split_kv_pass`` for these head dims)."""
+    ("kv") or the dQ ("q") pass (the autotuner times one at a time)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     head_dv = v.shape[3]
@@ -572,9 +557,7 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
         )
     kv_args = args.with_block_lists(spec, rows=False)
     n_n_blocks = triton.cdiv(n_keys, cfg_kv.block_n)
-    if split_kv is None:
-        split_kv = split_kv_pass(head_d, head_dv)
-    for part in ((1, 2) if split_kv else (0,)) if "kv" in passes else ():
+    if "kv" in passes:
         launch(
             _bwd_kv_kernel, (n_n_blocks * batch * kv_heads,),
             q, k, v, grad_out, lse_units, delta, dk, dv, *kv_args.tensors,
@@ -584,7 +567,7 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
             BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n,
             # Block-sparse query tiles come a whole sparse block at a time: rows are in bounds when it divides M.
             EVEN_M=divides(kv_args.flags["SPARSE_BLOCK"] or cfg_kv.block_m, n_queries),
-            SPARSE_MASKED=sparse_masked(spec, n_keys, cfg_kv.block_n), **kv_args.flags, **common, KV_PART=part,
+            SPARSE_MASKED=sparse_masked(spec, n_keys, cfg_kv.block_n), **kv_args.flags, **common,
             **cfg_kv.launch_options(),
         )
     if "q" not in passes:

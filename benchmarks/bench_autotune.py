@@ -10,8 +10,9 @@ each kernel (``fwd``; the backward's ``bwd_kv`` and ``bwd_q`` passes, timed one 
 candidate the generator keeps for this GPU (the exhaustive search of the generated space, compiled first in
 ``--jobs`` processes) and reports three configs: ``exhaustive_best``, ``shipped`` (what the shipped table gives
 for the shape: ``autotune.table_lookup``) and ``model`` (the resource model's pick: what a GPU without a table
-and with tuning switched off would run).  ``vs_best`` is best time / config time (target: shipped >= 0.95).  ``--passes N`` re-times the contenders N - 1
-more times and takes each config's median; every timing is kept in the JSON's ``samples``.
+and with tuning switched off would run).  ``vs_best`` is best time / config time (target: shipped >= 0.95).
+``--passes N`` re-times the contenders N - 1 more times and takes each config's median; every timing is kept in
+the JSON's ``samples``.
 TFLOP/s count 2 matmuls of 2*M*N*D for the forward, 4 for the dK/dV pass and 3 for the dQ pass (half causal).
 
 ``--compile-time`` (on by default) runs the demo model's first training step (``fa-inductor demo``'s model, CUDA

@@ -33,11 +33,10 @@ from pathlib import Path
 
 import torch
 
-from harness import PlotSpec, collect, markdown_table, write_results
+from harness import PlotSpec, collect, environment, markdown_table, write_results
 
 COLUMNS = ("impl", "mode", "head_dim", "causal", "seqlen", "config", "ms", "tflops", "vs_best", "candidates")
 MATMULS = {"fwd": 2, "bwd_kv": 4, "bwd_q": 3}
-SAMPLES: list[dict] = []  # every candidate's timings (one per pass that timed it), written to the JSON as "samples"
 
 _FIRST_STEP = r"""
 import json, sys, time, torch
@@ -89,10 +88,11 @@ def _tflops(mode, batch, heads, seqlen, d, causal, ms):
     return flops / (ms * 1e-3) / 1e12 if ms else None
 
 
-def config_rows(args):
+def config_rows(args, samples_out: list):
+    """The report rows; every candidate's timings (one per pass that timed it) are appended to ``samples_out``."""
     from fa_inductor.kernels import autotune
     from fa_inductor.kernels.arch import current_arch
-    from fa_inductor.kernels.configs import KernelConfig, candidates, model_choice
+    from fa_inductor.kernels.configs import candidates, model_choice
     from fa_inductor.tune import _precompile
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -117,29 +117,27 @@ def config_rows(args):
         # power swings), so each later pass (--passes) re-times the contenders again, one after another: those
         # within --refine-within of the first pass's best, and the shipped and model picks.  A config's time is
         # the median of its timings (None if one failed).
+        shipped, model = autotune.table_lookup(table, problem, arch), model_choice(problem, arch)
         first = autotune.tune(problem, arch, measure, configs=configs)["timings"]
-        samples = {tuple(c.as_list()): [ms] for c, ms, _ in first}
+        samples = {c: [ms] for c, ms, _ in first}
         first_best = min((ms for _, ms, _ in first if ms is not None), default=None)
-        watched = [autotune.table_lookup(table, problem, arch), model_choice(problem, arch)]
         contenders = [c for c, ms, _ in first
-                      if c in watched or (ms is not None and ms <= first_best * (1 + args.refine_within))]
+                      if c in (shipped, model) or (ms is not None and ms <= first_best * (1 + args.refine_within))]
         for _ in range(args.passes - 1):
             for c, ms, _ in autotune.tune(problem, arch, measure, configs=contenders)["timings"]:
-                samples[tuple(c.as_list())].append(ms)
+                samples[c].append(ms)
         times = {c: (statistics.median(ms) if None not in ms else None) for c, ms in samples.items()}
-        timed = [(ms, c) for c, ms in times.items() if ms is not None]
-        best_ms, best = min(timed) if timed else (None, None)
-        for config, ms in samples.items():
-            SAMPLES.append({"mode": problem.direction, "head_dim": problem.head_d, "causal": problem.causal,
-                            "seqlen": seqlen, "config": str(KernelConfig(*config)), "ms": ms})
-        picks = {"exhaustive_best": KernelConfig(*best) if best else None,
-                 "shipped": autotune.table_lookup(table, problem, arch), "model": model_choice(problem, arch)}
+        best = min((c for c, ms in times.items() if ms is not None), key=times.get, default=None)
+        best_ms = times[best] if best is not None else None
+        samples_out += [{"mode": problem.direction, "head_dim": problem.head_d, "causal": problem.causal,
+                         "seqlen": seqlen, "config": str(c), "ms": ms} for c, ms in samples.items()]
+        picks = {"exhaustive_best": best, "shipped": shipped, "model": model}
         for impl, cfg in picks.items():
             if cfg is None:
                 yield {"impl": impl, "mode": problem.direction, "head_dim": problem.head_d, "causal": problem.causal,
                        "seqlen": seqlen, "error": "no entry"}
                 continue
-            ms = times.get(tuple(cfg.as_list()))
+            ms = times.get(cfg)
             if ms is None:  # outside the generated space (cannot happen for shipped/model picks, kept honest)
                 ms = measure(cfg)
             yield {"impl": impl, "mode": problem.direction, "head_dim": problem.head_d, "causal": problem.causal,
@@ -197,11 +195,10 @@ def main(argv=None):
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         env = data["environment"]
-        source = {"arch": args.table_arch, "gpu": env.get("gpu"), "torch": env.get("torch"),
-                  "triton": env.get("triton"), "timestamp": env.get("timestamp")}
-        write_table(data["rows"], args.write_table, source)
+        write_table(data["rows"], args.write_table, {**env, "arch": args.table_arch})
         return
-    rows = [] if args.compile_time_only else collect(config_rows(args))
+    samples = []
+    rows = [] if args.compile_time_only else collect(config_rows(args, samples))
     compile_times = collect(compile_rows()) if (args.compile_time or args.compile_time_only) else []
     summary = {}
     for row in rows:
@@ -215,12 +212,10 @@ def main(argv=None):
     if args.write_table and rows:
         from fa_inductor.kernels.arch import current_arch
 
-        env_info = {"arch": current_arch().name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "triton": __import__("triton").__version__, "timestamp": rows[0].get("timestamp")}
-        write_table(rows, args.write_table, env_info)
+        write_table(rows, args.write_table, {**environment(), "arch": current_arch().name})
     write_results(rows, args.out_dir, args.stem, "Kernel configs: shipped table, exhaustive search, model pick",
                   PlotSpec(series="impl", panels=("head_dim", "causal", "mode")), table_columns=COLUMNS,
-                  extra={"compile_times": compile_times, "summary": summary, "samples": SAMPLES})
+                  extra={"compile_times": compile_times, "summary": summary, "samples": samples})
     if compile_times:
         print(markdown_table(compile_times, ("impl", "mode", "seconds", "error")))
     print(json.dumps(summary, indent=1))

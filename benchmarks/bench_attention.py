@@ -4,6 +4,7 @@ Usage (from the repository root, with fa_inductor installed, e.g. ``pip install 
 
     python benchmarks/bench_attention.py                        # full grid, writes benchmarks/results/
     python benchmarks/bench_attention.py --head-dims 128 --causal yes --seqlens 1024 4096 --compare
+    python benchmarks/bench_attention.py --head-dims 64 128 --seqlens 4096 16384 --compare --rounds 3
     python benchmarks/bench_attention.py --device cpu --dtype fp16 --head-dims 64 --seqlens 128 \\
         --tokens 256 --impls naive_inductor sdpa_efficient --modes fwd --warmup 1 --rep 3   # smoke run
 
@@ -13,7 +14,9 @@ about the same amount of work. Each (shape, implementation) gives one row per mo
   bwd      backward only (one forward with grad, then ``out.backward(grad, retain_graph=True)``)
   fwd_bwd  forward and backward together; ``peak_mib`` is the peak memory above the inputs
 A failing implementation (no kernel for this shape, out of memory, package not importable) gives a row
-with ``error`` set; the run carries on. Results go to ``<out-dir>/<stem>.{json,md,png}``; with
+with ``error`` set; the run carries on.  ``--rounds N`` times the implementations of a shape in N interleaved
+rounds and reports medians over the rounds (``round_ms`` holds each round's time), so that a drift of the GPU's
+clocks does not land on one implementation only. Results go to ``<out-dir>/<stem>.{json,md,png}``; with
 ``--compare`` the fa_inductor/peer TFLOP/s ratios also go to ``<stem>_compare.md`` (they are always
 in the JSON under ``compare``).
 
@@ -27,6 +30,7 @@ import argparse
 import functools
 import importlib.util
 import itertools
+import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -272,14 +276,51 @@ def _shapes(args: argparse.Namespace) -> Iterator[Shape]:
         yield Shape(dtype, max(1, args.tokens // seqlen), args.model_dim // head_dim, seqlen, head_dim, causal)
 
 
+def _interleaved_rows(shape: Shape, inputs: Sequence[Tensor], args: argparse.Namespace) -> Iterator[dict]:
+    """``args.rounds`` rounds over every (implementation, mode) of ``shape``, each timed once per round; a row
+    reports the median over rounds of each quantile, so that a drift of the GPU's clocks during the run falls on
+    every implementation alike instead of on whichever was timed at the wrong moment.  ``round_ms`` keeps each
+    round's median."""
+    built = {impl: measure(f"{impl} {shape}", functools.partial(IMPLS[impl], shape, args.device))
+             for impl in args.impls}
+    results: dict[tuple[str, str], list[dict]] = {(impl, mode): [] for impl in args.impls for mode in args.modes}
+    errors: dict[tuple[str, str], str] = {}
+    for _ in range(args.rounds):
+        for impl in args.impls:
+            attention, error = built[impl]
+            for mode in args.modes:
+                if error or (impl, mode) in errors:
+                    errors.setdefault((impl, mode), error)
+                    continue
+                result, mode_error = measure(f"{impl} {shape} {mode}", lambda: run_mode(attention, inputs, mode, args))
+                if mode_error:
+                    errors[(impl, mode)] = mode_error
+                else:
+                    results[(impl, mode)].append(result)
+            free_memory()
+    for impl in args.impls:
+        for mode in args.modes:
+            done = results[(impl, mode)]
+            if (impl, mode) in errors or not done:
+                yield _row(impl, shape, mode, None, errors.get((impl, mode)))
+                continue
+            combined = {key: statistics.median(r[key] for r in done) for key in ("ms", "ms_p20", "ms_p80")}
+            combined["peak_mib"] = done[0]["peak_mib"]
+            yield {**_row(impl, shape, mode, combined, None), "round_ms": [r["ms"] for r in done]}
+
+
 def bench_rows(args: argparse.Namespace) -> Iterator[dict]:
-    """One row per (shape, implementation, mode); inputs are shared by the implementations of a shape."""
+    """One row per (shape, implementation, mode); inputs are shared by the implementations of a shape.  With
+    ``args.rounds`` > 1 the implementations of a shape are timed in interleaved rounds (``_interleaved_rows``)."""
     requires_grad = any(mode != "fwd" for mode in args.modes)
     for shape in _shapes(args):
         inputs = make_inputs(shape, args.device, requires_grad)
-        for impl in args.impls:
-            yield from _impl_rows(impl, shape, inputs, args)
-            free_memory()
+        if getattr(args, "rounds", 1) > 1:
+            yield from _interleaved_rows(shape, inputs, args)
+        else:
+            for impl in args.impls:
+                yield from _impl_rows(impl, shape, inputs, args)
+                free_memory()
         del inputs
         free_memory()
 
@@ -405,7 +446,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_common_arguments(p, list(IMPLS), head_dims=(64, 128, 256), seqlens=(512, 1024, 2048, 4096, 8192, 16384))
     p.add_argument("--causal", choices=list(CAUSAL), default="both")
     p.add_argument("--compare", action="store_true", help=f"print and write {REFERENCE}/peer TFLOP/s ratios")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every implementation of a shape this many times, interleaved, and report medians")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     check_common_args(p, args, "attention")
     return args
 

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 SHAPES = {"d128": (128, False), "d128c": (128, True), "d64": (64, False), "d64c": (64, True),
-          "d256": (256, False)}
+          "d256": (256, False), "d256c": (256, True)}
 
 
 def main() -> None:

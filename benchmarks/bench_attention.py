@@ -225,13 +225,14 @@ def _mode_step(attention: AttentionFn, inputs: Sequence[Tensor], mode: str) -> C
     return step
 
 
-def run_mode(attention: AttentionFn, inputs: Sequence[Tensor], mode: str, args: argparse.Namespace) -> dict:
-    """Time ``attention`` in ``mode`` (after one untimed call) and measure its peak memory."""
+def run_mode(attention: AttentionFn, inputs: Sequence[Tensor], mode: str, args: argparse.Namespace,
+             memory: bool = True) -> dict:
+    """Time ``attention`` in ``mode`` (after one untimed call) and, with ``memory``, measure its peak memory."""
     step = _mode_step(attention, inputs, mode)
     step()  # compile and autotune outside the timed region
     timing = time_ms(step, warmup=args.warmup, rep=args.rep, device=args.device)
     _clear_grads(inputs)
-    return {**timing, "peak_mib": peak_memory_mib(step, device=args.device)}
+    return {**timing, "peak_mib": peak_memory_mib(step, device=args.device) if memory else None}
 
 
 def _row(impl: str, shape: Shape, mode: str, result: dict | None, error: str | None) -> dict[str, Any]:
@@ -280,29 +281,30 @@ def _interleaved_rows(shape: Shape, inputs: Sequence[Tensor], args: argparse.Nam
     """``args.rounds`` rounds over every (implementation, mode) of ``shape``, each timed once per round; a row
     reports the median over rounds of each quantile, so that a drift of the GPU's clocks during the run falls on
     every implementation alike instead of on whichever was timed at the wrong moment.  ``round_ms`` keeps each
-    round's median."""
+    round's median; the peak memory comes from the first round."""
     built = {impl: measure(f"{impl} {shape}", functools.partial(IMPLS[impl], shape, args.device))
              for impl in args.impls}
+    # A failed build fails every mode of its implementation; a failed timing drops that mode from later rounds.
+    errors = {(impl, mode): error for impl, (_, error) in built.items() if error for mode in args.modes}
     results: dict[tuple[str, str], list[dict]] = {(impl, mode): [] for impl in args.impls for mode in args.modes}
-    errors: dict[tuple[str, str], str] = {}
-    for _ in range(args.rounds):
+    for first in [True] + [False] * (args.rounds - 1):
         for impl in args.impls:
-            attention, error = built[impl]
+            attention = built[impl][0]
             for mode in args.modes:
-                if error or (impl, mode) in errors:
-                    errors.setdefault((impl, mode), error)
+                if (impl, mode) in errors:
                     continue
-                result, mode_error = measure(f"{impl} {shape} {mode}", lambda: run_mode(attention, inputs, mode, args))
-                if mode_error:
-                    errors[(impl, mode)] = mode_error
+                result, error = measure(f"{impl} {shape} {mode}",
+                                        lambda: run_mode(attention, inputs, mode, args, memory=first))
+                if error:
+                    errors[(impl, mode)] = error
                 else:
                     results[(impl, mode)].append(result)
             free_memory()
     for impl in args.impls:
         for mode in args.modes:
             done = results[(impl, mode)]
-            if (impl, mode) in errors or not done:
-                yield _row(impl, shape, mode, None, errors.get((impl, mode)))
+            if (impl, mode) in errors:
+                yield _row(impl, shape, mode, None, errors[(impl, mode)])
                 continue
             combined = {key: statistics.median(r[key] for r in done) for key in ("ms", "ms_p20", "ms_p80")}
             combined["peak_mib"] = done[0]["peak_mib"]
@@ -315,7 +317,7 @@ def bench_rows(args: argparse.Namespace) -> Iterator[dict]:
     requires_grad = any(mode != "fwd" for mode in args.modes)
     for shape in _shapes(args):
         inputs = make_inputs(shape, args.device, requires_grad)
-        if getattr(args, "rounds", 1) > 1:
+        if args.rounds > 1:
             yield from _interleaved_rows(shape, inputs, args)
         else:
             for impl in args.impls:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from typing import Optional
 
 import torch
@@ -41,7 +42,11 @@ from .flash_bwd import _bwd_kv_kernel, flash_backward
 from .flash_fwd import _flash_fwd_kernel, flash_forward
 from .masking import SPARSE_BLOCK, MaskSpec, window_extents
 
-__all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_interpreter", "mask_spec"]
+__all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_interpreter", "mask_spec",
+           "GLUON_ENV", "hopper_forward_applies"]
+
+# FA_INDUCTOR_GLUON=0 keeps every forward on the portable Triton kernel (A/B comparisons, debugging).
+GLUON_ENV = "FA_INDUCTOR_GLUON"
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -135,17 +140,95 @@ def _empty_grads(query: Tensor, key: Tensor, value: Tensor, attn_bias: Optional[
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dbias
 
 
+def _triton_forward(query, key, value, out, lse, scale, spec) -> None:
+    (cfg,) = _configs(query, value, spec, Direction.FORWARD)
+    flash_forward(query, key, value, out, lse, scale, spec, cfg,
+                  dot_options(query.dtype, interpreted=query.device.type == "cpu"))
+
+
 def _run_forward(query, key, value, scale, spec):
     out = empty_output(query, value)
     lse = empty_lse(query)
     if out.numel() > 0:
-        dot = dot_options(query.dtype, interpreted=query.device.type == "cpu")
         if flash_decode.eligible(query, key, spec):
+            dot = dot_options(query.dtype, interpreted=query.device.type == "cpu")
             flash_decode.flash_decode(query, key, value, out, lse, scale, spec, dot)
             return out, lse
-        (cfg,) = _configs(query, value, spec, Direction.FORWARD)
-        flash_forward(query, key, value, out, lse, scale, spec, cfg, dot)
+        if hopper_forward_applies(query, key, value, scale, spec):
+            return torch.ops.fa_inductor.hopper_attention_forward(query, key, value, scale, spec.right,
+                                                                  spec.bottom_right)
+        _triton_forward(query, key, value, out, lse, scale, spec)
     return out, lse
+
+
+# --- Hopper: the Gluon forward behind an opaque op ------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _gluon_forward_module():
+    """``gluon_fwd`` when this Triton has Gluon's Hopper API, else None (imported on first use, never at import
+    of the package)."""
+    try:
+        from . import gluon_fwd
+    except (ImportError, AttributeError):
+        return None
+    return gluon_fwd
+
+
+def hopper_forward_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
+    """Whether the forward goes to the Gluon warp-specialised kernel (``gluon_fwd.py``): an sm90 GPU, a Triton
+    with Gluon, 16-bit operands with one head dim in ``gluon_fwd.HEAD_DIMS``, and no feature beyond a causal /
+    right-window mask.  Decided from dtypes, shapes' head dims and options only (no guard on lengths or
+    strides); what depends on the data (alignment, strides, empty key sets) is checked again when the op runs,
+    which falls back to the Triton kernel."""
+    if (query.device.type != "cuda" or os.environ.get(GLUON_ENV, "1").strip() == "0"
+            or query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype
+            or value.dtype != query.dtype or scale < 0):
+        return False
+    head_d = query.shape[-1]
+    if not (head_d == key.shape[-1] == value.shape[-1] and isinstance(head_d, int)):
+        return False
+    if (spec.bias is not None or spec.left >= 0 or spec.seqlens_q is not None or spec.seqlens_k is not None
+            or spec.softcap > 0 or spec.has_dropout or spec.block_mask is not None):
+        return False
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    if current_arch(index).name != "sm90":
+        return False
+    module = _gluon_forward_module()
+    return module is not None and head_d in module.HEAD_DIMS
+
+
+def _count(name: str) -> None:
+    from torch._dynamo.utils import counters
+
+    counters["fa_inductor"][name] += 1
+
+
+@torch.library.custom_op("fa_inductor::hopper_attention_forward", mutates_args=(), device_types="cuda")
+def _hopper_forward(query: Tensor, key: Tensor, value: Tensor, scale: float, right: int,
+                    bottom_right: bool) -> tuple[Tensor, Tensor]:
+    """(out, lse) for a call ``hopper_forward_applies`` accepted.  Opaque to the compiler (Inductor calls it as
+    an extern kernel), because Gluon kernels cannot go through ``wrap_triton``.  Runs the Gluon kernel when the
+    operands suit TMA on a capability-9.0 device, else the Triton forward; counters["fa_inductor"] records
+    which ("gluon_forward" / "gluon_forward_fallback")."""
+    out = empty_output(query, value)
+    lse = empty_lse(query)
+    spec = MaskSpec(right=right, bottom_right=bottom_right)
+    module = _gluon_forward_module()
+    n_queries, n_keys = query.shape[2], key.shape[2]
+    if (module is not None and n_queries > 0 and n_keys > 0
+            and torch.cuda.get_device_capability(query.device) == (9, 0)
+            and all(module.tma_compatible(t) for t in (query, key, value))):
+        module.gluon_forward(query, key, value, out, lse, scale, right, n_keys - n_queries if bottom_right else 0)
+        _count("gluon_forward")
+    else:
+        _triton_forward(query, key, value, out, lse, scale, spec)
+        _count("gluon_forward_fallback")
+    return out, lse
+
+
+@_hopper_forward.register_fake
+def _(query, key, value, scale, right, bottom_right):
+    return empty_output(query, value), empty_lse(query)
 
 
 def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, bias_requires_grad):

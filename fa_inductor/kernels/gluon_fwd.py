@@ -1,0 +1,254 @@
+"""Hopper (sm90) forward kernel written in Gluon, with warp specialisation: the fast path of the forward.
+
+Triton's ``tl.dot`` leaves the overlap of softmax arithmetic with tensor-core work to the compiler, which on
+Hopper reaches 0.83-0.95x of cuDNN (``benchmarks/reference``).  Gluon exposes the pieces that overlap needs:
+asynchronous warp-group MMAs (``warpgroup_mma(..., is_async=True)`` with explicit waits), TMA copies signalled
+through mbarriers, and warp-specialised partitions.  Each program owns 128 query rows of one (batch, head):
+
+* a producer partition (one warp, few registers) TMA-loads Q once and streams K and V tiles through a ring of
+  ``STAGES`` shared-memory buffers, each guarded by a "ready" mbarrier (TMA bytes landed) and an "empty" one
+  (both consumers are done with it);
+* two consumer partitions (one warp group each, 64 query rows each) run the online softmax of
+  FLASHATTENTION.md.  Within a consumer, block j + 1's scores S = Q K^T and block j's P V are issued together
+  as asynchronous MMAs, and the softmax of block j + 1 runs while P V is still on the tensor cores; only then
+  is the output rescaled.  The two consumers are independent, so the warp schedulers fill one's softmax with
+  the other's MMAs.
+
+Scores are kept in log2 units (the scale times log2(e) folded into one multiply).  Only the key blocks that can
+hold an invisible score (the diagonal of a causal mask, the key tail) pay for mask arithmetic; rows that see no
+key give O = 0 and LSE = -inf.  ``eligible`` says which calls this kernel takes; everything else stays on the
+portable Triton kernel of ``flash_fwd.py``.  The module needs Gluon (Triton >= 3.5) and is imported only when
+that check passes.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .common import LOG2E
+
+__all__ = ["BLOCK_M", "HEAD_DIMS", "tma_compatible", "gluon_forward"]
+
+HEAD_DIMS = (64, 128)  # head dims the kernel is built and measured for (Q, K and V share it)
+
+# Triton 3.9 renamed the TMA load; 3.5 - 3.8 only know the old name.
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+
+ROWS_PER_CONSUMER = 64  # query rows per consumer warp group (one wgmma M tile per warp group)
+BLOCK_M = 2 * ROWS_PER_CONSUMER
+WG_M = gl.constexpr(ROWS_PER_CONSUMER)  # the same numbers as kernel constants
+PROGRAM_M = gl.constexpr(BLOCK_M)
+
+
+@gluon.constexpr_function
+def _mma_layout(n):
+    """The accumulator layout of one warp group's [64, n] wgmma tile (16-bit operands)."""
+    n = int(getattr(n, "value", n))
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, masked, HAS_RIGHT: gl.constexpr):
+    """Online-softmax update for one score tile ``s`` (raw Q K^T products): (p, m_new, l_new, alpha)."""
+    if masked:
+        keep = gl.expand_dims(cols, 0) < n_keys
+        if HAS_RIGHT:
+            keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1) + (shift + right))
+        s = gl.where(keep, s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        # A row with no visible score so far keeps m = -inf; subtract 0 instead (exp2 gives 0, not NaN).
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s - gl.expand_dims(m_ref, 1))
+        alpha = gl.exp2(m_i - m_ref)
+    else:
+        # scale >= 0, so max(s) * scale == max(s * scale): one fused multiply-add per score.
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
+              row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_iter, n_full,
+              HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+              WG: gl.constexpr):
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(HEAD_D)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_bufs.dtype
+
+    rows = row0 + gl.arange(0, WG_M, layout=row_s)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    q = q_bufs.index(WG).reshape([WG_M, HEAD_D])
+    m_i = gl.full([WG_M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([WG_M], gl.float32, layout=row_s)
+    acc = gl.zeros([WG_M, HEAD_D], gl.float32, layout=o_layout)
+    s_init = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    # Block 0's scores and probabilities.
+    mbarrier.wait(k_ready.index(0), 0)
+    s_tok = warpgroup_mma(q, k_bufs.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_init, use_acc=False,
+                          is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(0), count=1)
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, n_full <= 0,
+                                       HAS_RIGHT)
+    p = gl.convert_layout(p.to(dtype), p_layout)
+
+    # Invariant at the top of iteration i: p holds block i's probabilities, acc is scaled to block i's maximum.
+    for i in range(0, n_iter - 1):
+        j = i + 1
+        stage_j = j % STAGES
+        stage_i = i % STAGES
+        mbarrier.wait(k_ready.index(stage_j), (j // STAGES) & 1)
+        s_tok = warpgroup_mma(q, k_bufs.index(stage_j).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_init,
+                              use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(stage_i), (i // STAGES) & 1)
+        acc_tok = warpgroup_mma(p, v_bufs.index(stage_i).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+        # MMA groups retire in order: with one left in flight, block j's scores are done, P V may not be.
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(stage_j), count=1)
+        p_next, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N + cols, n_keys, shift, right,
+                                                qk_scale, j >= n_full, HAS_RIGHT)
+        p_next = gl.convert_layout(p_next.to(dtype), p_layout)
+        acc, p = warpgroup_mma_wait(0, deps=[acc_tok, p])
+        mbarrier.arrive(v_empty.index(stage_i), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p = p_next
+
+    last = n_iter - 1
+    stage_l = last % STAGES
+    mbarrier.wait(v_ready.index(stage_l), (last // STAGES) & 1)
+    acc_tok = warpgroup_mma(p, v_bufs.index(stage_l).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[acc_tok])
+    mbarrier.arrive(v_empty.index(stage_l), count=1)
+
+    # Rows with no visible key (l = 0) give 0, as PyTorch's math attention does for fully masked rows.
+    l_o = gl.convert_layout(l_i, row_o)
+    l_safe = gl.where(l_o == 0.0, 1.0, l_o)
+    out = gl.where(gl.expand_dims(l_o == 0.0, 1), 0.0, acc / gl.expand_dims(l_safe, 1))
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+
+    rows_o = row0 + gl.arange(0, WG_M, layout=row_o)
+    cols_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = (Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+              + gl.expand_dims(rows_o.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols_o, 0))
+    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims(rows_o < n_queries, 1))
+    gl.store(Lse + bh.to(gl.int64) * n_queries + rows, lse, mask=rows < n_queries)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, off_b,
+              off_h, off_hk, start_m, n_iter, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    _tma_load(q_desc, [off_b, off_h, start_m, 0], q_bar, q_bufs.index(0))
+    _tma_load(q_desc, [off_b, off_h, start_m + WG_M, 0], q_bar, q_bufs.index(1))
+    for i in range(n_iter):
+        stage = i % STAGES
+        # Fresh mbarriers count as having completed the phase before 0: the first lap does not wait.
+        phase = ((i // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(stage), phase)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        _tma_load(k_desc, [off_b, off_hk, i * BLOCK_N, 0], k_ready.index(stage), k_bufs.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase)
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        _tma_load(v_desc, [off_b, off_hk, i * BLOCK_N, 0], v_ready.index(stage), v_bufs.index(stage))
+
+
+@gluon.jit
+def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, stride_om, n_heads, group, n_queries,
+                      n_keys, n_m_blocks, shift, right, qk_scale,
+                      HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    pid = gl.program_id(0)
+    bh = pid // n_m_blocks
+    m_block = pid % n_m_blocks
+    if HAS_RIGHT:
+        # Causal: the longest rows (last query blocks) go first.
+        m_block = n_m_blocks - 1 - m_block
+    off_b = bh // n_heads
+    off_h = bh % n_heads
+    off_hk = off_h // group
+    start_m = m_block * PROGRAM_M
+
+    # Keys [0, hi) are visible to some row of this block, keys [0, n_full * BLOCK_N) to all of them.
+    hi = n_keys
+    full_hi = n_keys
+    if HAS_RIGHT:
+        hi = gl.minimum(hi, gl.maximum(start_m + PROGRAM_M + shift + right, 0))
+        full_hi = gl.minimum(full_hi, gl.maximum(start_m + shift + right + 1, 0))
+    # At least one block, so that producer and consumers always meet: a block no row sees is all masked.
+    n_iter = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+    n_full = full_hi // BLOCK_N
+
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(stage), count=1)
+        mbarrier.init(v_ready.index(stage), count=1)
+        # Both consumers release a buffer before it is refilled.
+        mbarrier.init(k_empty.index(stage), count=2)
+        mbarrier.init(v_empty.index(stage), count=2)
+
+    gl.warp_specialize([
+        (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
+                     start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_iter,
+                     n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0)),
+        (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
+                     start_m + WG_M, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
+                     n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1)),
+        (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     off_b, off_h, off_hk, start_m, n_iter, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def tma_compatible(x) -> bool:
+    """Whether a 4-D 16-bit tensor can be read through a TMA descriptor: 16-byte aligned base, unit-stride last
+    dim, and every other stride (of a dim longer than 1) a positive multiple of 16 bytes."""
+    if x.dim() != 4 or x.element_size() != 2 or x.data_ptr() % 16 != 0 or x.stride(3) != 1:
+        return False
+    return all(size == 1 or (stride > 0 and stride % 8 == 0) for size, stride in zip(x.shape[:3], x.stride()[:3]))
+
+
+def _descriptor(x, rows: int):
+    """A TMA descriptor over the 4-D tensor ``x`` [B, H, L, D] loading [1, 1, rows, D] tiles.  A dim of length
+    1 may carry any stride in PyTorch; the descriptor gets a valid one (only index 0 is ever read there)."""
+    block = [1, 1, rows, x.shape[3]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if x.dtype.itemsize == 2 else gl.float32)
+    strides = [stride if size > 1 else 8 * max(1, -(-abs(stride) // 8))
+               for size, stride in zip(x.shape[:3], x.stride()[:3])] + [1]
+    return TensorDescriptor(x, list(x.shape), strides, block, layout)
+
+
+def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int, block_n: int = 128,
+                  stages: int = 2):
+    """Launch the kernel.  q [B, H, M, D], k / v [B, HK, N, D] (16-bit, last dim contiguous, TMA-aligned);
+    ``causal_right`` < 0: no causal mask, else key j is visible to row i iff j <= i + shift + causal_right.
+    Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
+    Writes out [B, H, M, D] (any strides with a contiguous last dim) and lse [B, H, M] (contiguous fp32)."""
+    batch, heads, n_queries, head_d = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    n_m_blocks = triton.cdiv(n_queries, BLOCK_M)
+    has_right = causal_right >= 0
+    _gluon_fwd_kernel[(n_m_blocks * batch * heads,)](
+        _descriptor(q, ROWS_PER_CONSUMER), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
+        out.stride(0), out.stride(1), out.stride(2), heads, heads // kv_heads, n_queries, n_keys, n_m_blocks,
+        shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E,
+        HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=240, PRODUCER_REGS=24,
+        num_warps=4, maxnreg=168)

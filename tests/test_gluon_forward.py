@@ -1,0 +1,174 @@
+"""The Hopper Gluon forward (``kernels/gluon_fwd.py``): which calls take it, its numerics on awkward shapes, and
+the fallbacks that keep everything else on the Triton kernel.
+
+The GPU cases need an sm90 device and a Triton with Gluon; they skip cleanly elsewhere.  The host-side checks
+(TMA compatibility) run wherever Gluon imports.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fa_inductor  # noqa: F401  (registers the ops)
+from fa_inductor.kernels import op as op_module
+from attention_ref import assert_within_budget, attention_ref, lse_ref, torch_math
+from test_kernels import make_qkv
+
+
+def _gluon_or_none():
+    try:
+        from fa_inductor.kernels import gluon_fwd
+    except (ImportError, AttributeError):
+        return None
+    return gluon_fwd
+
+
+gluon_fwd = _gluon_or_none()
+needs_gluon = pytest.mark.skipif(gluon_fwd is None, reason="this Triton has no Gluon Hopper API")
+on_hopper = pytest.mark.skipif(
+    gluon_fwd is None or not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs an sm90 GPU and Gluon")
+gpu = [pytest.mark.gpu, on_hopper]
+
+
+def _counters():
+    from torch._dynamo.utils import counters
+
+    return counters["fa_inductor"]
+
+
+# --- host side ---------------------------------------------------------------------------------------------
+
+@needs_gluon
+def test_tma_compatible_layouts():
+    x = torch.empty(2, 64, 4, 128, dtype=torch.bfloat16)
+    assert gluon_fwd.tma_compatible(x.transpose(1, 2))  # [B, L, H, D] memory read as [B, H, L, D]
+    assert gluon_fwd.tma_compatible(torch.empty(2, 4, 64, 128, dtype=torch.float16))
+    # Length-1 dims may carry any stride.
+    assert gluon_fwd.tma_compatible(torch.empty(1, 1, 64, 64, dtype=torch.bfloat16).as_strided(
+        (1, 1, 64, 64), (3, 5, 64, 1)))
+    assert not gluon_fwd.tma_compatible(torch.empty(2, 4, 64, 128, dtype=torch.float32))  # 16-bit only
+    assert not gluon_fwd.tma_compatible(torch.empty(2, 4, 64, 256, dtype=torch.bfloat16)[..., ::2])
+    assert not gluon_fwd.tma_compatible(torch.empty(2, 4, 64, 68, dtype=torch.bfloat16)[..., :64])  # rows 136 B apart
+    assert not gluon_fwd.tma_compatible(torch.empty(2 * 4 * 64 * 64 + 1, dtype=torch.bfloat16)[1:].view(
+        2, 4, 64, 64))  # base 2 bytes past an aligned address
+    assert not gluon_fwd.tma_compatible(torch.empty(1, 1, 64, 64, dtype=torch.bfloat16).expand(2, 4, 64, 64))
+
+
+# --- GPU: numerics -----------------------------------------------------------------------------------------
+
+SHAPES = [
+    # batch, heads, kv_heads, M, N, causal, bottom_right, layout
+    (2, 4, 4, 256, 256, False, False, "bhld"),
+    (2, 4, 4, 1000, 1000, True, False, "bhld"),
+    (1, 8, 2, 333, 777, False, False, "blhd"),
+    (1, 8, 2, 300, 777, True, True, "blhd"),
+    (2, 3, 1, 129, 65, False, False, "bhld"),
+    (1, 2, 2, 700, 600, True, False, "bhld"),  # more queries than keys, top-left: the last rows see every key
+    (1, 2, 2, 600, 520, True, True, "blhd"),  # bottom-right with M > N: the first 80 rows see nothing
+    (1, 2, 2, 64, 4096, True, True, "blhd"),
+    (2, 4, 4, 384, 384, True, False, "fused"),
+]
+
+
+@pytest.mark.parametrize("head_d", [64, 128])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}-{s[6]}-{s[7]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_gluon_forward_matches_reference(shape, head_d, dtype):
+    batch, heads, kv_heads, m, n, causal, bottom_right, layout = shape
+    q, k, v = make_qkv(batch, heads, kv_heads, m, n, head_d, head_d, dtype, "cuda", layout)
+    scale = head_d ** -0.5
+    before = _counters()["gluon_forward"]
+    out, lse = torch.ops.fa_inductor.flash_attention_forward(q, k, v, scale, causal, bottom_right)
+    assert _counters()["gluon_forward"] == before + 1, "the call did not take the Gluon kernel"
+    ref = attention_ref(q, k, v, scale, causal, bottom_right)
+    theirs = torch_math(q, k, v, scale, causal, bottom_right)
+    assert_within_budget("out", out, theirs, ref, depth=n)
+    ref_lse = lse_ref(q, k, v, scale, causal, bottom_right).to(lse.device)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[~finite] == float("-inf")).all()
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)
+    if not finite.all():
+        assert (out[~finite] == 0).all(), "rows that see no key must give 0"
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_gluon_forward_backward_through_compile():
+    """Training through the backend: the forward graph calls the Gluon op, gradients match the reference."""
+    torch._dynamo.reset()
+
+    def block(q, k, v):
+        return fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) * 2.0
+
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, 300, 300, 128, 128, torch.bfloat16, "cuda", "blhd"))
+    before = _counters()["gluon_forward"]
+    out = torch.compile(block, fullgraph=True)(q, k, v)
+    assert _counters()["gluon_forward"] > before
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_ref(q64, k64, v64, None, True) * 2.0
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q64, k64, v64))
+    torch.testing.assert_close(out.double().cpu(), ref.detach().cpu(), atol=3e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double().cpu(), r.cpu(), atol=0.15, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_gluon_forward_cuda_graph_replay():
+    q, k, v = make_qkv(2, 4, 4, 257, 257, 64, 64, torch.bfloat16, "cuda", "bhld")
+    fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for _ in range(2):
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.testing.assert_close(out, fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# --- GPU: what stays on the Triton kernel ------------------------------------------------------------------
+
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_misaligned_operands_fall_back_exactly():
+    """A base 2 bytes off a 16-byte boundary cannot be read by TMA: the op runs the Triton kernel instead."""
+    m, d = 200, 64
+    flat = torch.randn(2 * 4 * m * d + 1, device="cuda", dtype=torch.bfloat16)
+    q = flat[1:].view(2, 4, m, d)
+    k, v = (torch.randn(2, 4, m, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    counters = _counters()
+    before = (counters["gluon_forward"], counters["gluon_forward_fallback"])
+    out, _ = torch.ops.fa_inductor.flash_attention_forward(q, k, v, d ** -0.5, True, False)
+    assert (counters["gluon_forward"], counters["gluon_forward_fallback"]) == (before[0], before[1] + 1)
+    assert_within_budget("out", out, torch_math(q, k, v, d ** -0.5, True), attention_ref(q, k, v, d ** -0.5, True),
+                         depth=m)
+
+
+@pytest.mark.parametrize("case", ["fp32", "head_dim_96", "bias", "window_left", "env_off"])
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_unsupported_calls_skip_gluon(case, monkeypatch):
+    d = 96 if case == "head_dim_96" else 64
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    q, k, v = make_qkv(1, 2, 2, 256, 256, d, d, dtype, "cuda", "bhld")
+    kwargs = {}
+    if case == "bias":
+        kwargs["attn_bias"] = torch.randn(1, 1, 256, 256, device="cuda", dtype=dtype)
+    if case == "window_left":
+        kwargs["window_left"] = 32
+    if case == "env_off":
+        monkeypatch.setenv(op_module.GLUON_ENV, "0")
+    before = _counters()["gluon_forward"] + _counters()["gluon_forward_fallback"]
+    out, _ = torch.ops.fa_inductor.flash_attention_forward(q, k, v, d ** -0.5, False, False, **kwargs)
+    assert _counters()["gluon_forward"] + _counters()["gluon_forward_fallback"] == before
+    window = (32, -1) if case == "window_left" else (-1, -1)
+    ref = attention_ref(q, k, v, d ** -0.5, bias=kwargs.get("attn_bias"), window=window)
+    theirs = torch_math(q, k, v, d ** -0.5, bias=kwargs.get("attn_bias"), window=window)
+    assert_within_budget("out", out, theirs, ref, depth=256)

@@ -16,15 +16,7 @@ from attention_ref import assert_within_budget, attention_ref, lse_ref, torch_ma
 from test_kernels import make_qkv
 
 
-def _gluon_or_none():
-    try:
-        from fa_inductor.kernels import gluon_fwd
-    except (ImportError, AttributeError):
-        return None
-    return gluon_fwd
-
-
-gluon_fwd = _gluon_or_none()
+gluon_fwd = op_module._gluon_forward_module()  # None where the op would not use it
 needs_gluon = pytest.mark.skipif(gluon_fwd is None, reason="this Triton has no Gluon Hopper API")
 on_hopper = pytest.mark.skipif(
     gluon_fwd is None or not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),

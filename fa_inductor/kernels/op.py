@@ -165,11 +165,16 @@ def _run_forward(query, key, value, scale, spec):
 
 @functools.lru_cache(maxsize=None)
 def _gluon_forward_module():
-    """``gluon_fwd`` when this Triton has Gluon's Hopper API, else None (imported on first use, never at import
-    of the package)."""
+    """``gluon_fwd`` when this Triton has Gluon's Hopper API in the form the kernel is written against (Triton
+    3.6 and newer: ``warp_specialize`` taking (function, args) pairs), else None.  Imported on first use, never
+    at import of the package."""
+    import triton
+
     try:
+        if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+            return None
         from . import gluon_fwd
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, ValueError):
         return None
     return gluon_fwd
 
@@ -185,7 +190,9 @@ def hopper_forward_applies(query: Tensor, key: Tensor, value: Tensor, scale: flo
             or value.dtype != query.dtype or scale < 0):
         return False
     head_d = query.shape[-1]
-    if not (head_d == key.shape[-1] == value.shape[-1] and isinstance(head_d, int)):
+    # Symbolic head dims (dynamic shapes) stay on Triton rather than add a guard.
+    if not (isinstance(head_d, int) and isinstance(key.shape[-1], int) and isinstance(value.shape[-1], int)
+            and head_d == key.shape[-1] == value.shape[-1]):
         return False
     if (spec.bias is not None or spec.left >= 0 or spec.seqlens_q is not None or spec.seqlens_k is not None
             or spec.softcap > 0 or spec.has_dropout or spec.block_mask is not None):

@@ -517,10 +517,12 @@ def bias_grad_layout(bias: torch.Tensor, shape: tuple) -> dict:
 
 
 def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, scale: float, spec, cfg_kv, cfg_q,
-                   dot: dict, passes: tuple = ("kv", "q")) -> None:
+                   dot: dict, passes: tuple = ("kv", "q"), kv_pass=None, q_pass=None) -> None:
     """Launch the three backward kernels, writing dq, dk, dv (shapes of q, k, v; any strides) and, when
     ``dbias`` is given (fp32, zero-filled, the bias's shape), the bias gradient.  ``passes`` leaves out the dK/dV
-    ("kv") or the dQ ("q") pass (the autotuner times one at a time)."""
+    ("kv") or the dQ ("q") pass (the autotuner times one at a time).  ``kv_pass(lse_units, delta)`` and
+    ``q_pass(lse_units, delta)``, when given, run that pass instead of the Triton kernel (the Hopper Gluon
+    kernels, for calls without a bias: ``lse_units`` is then LSE in log2 units, +inf for empty rows)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     head_dv = v.shape[3]
@@ -557,7 +559,9 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
         )
     kv_args = args.with_block_lists(spec, rows=False)
     n_n_blocks = triton.cdiv(n_keys, cfg_kv.block_n)
-    if "kv" in passes:
+    if "kv" in passes and kv_pass is not None:
+        kv_pass(lse_units[0], delta)
+    elif "kv" in passes:
         launch(
             _bwd_kv_kernel, (n_n_blocks * batch * kv_heads,),
             q, k, v, grad_out, lse_units, delta, dk, dv, *kv_args.tensors,
@@ -571,6 +575,9 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
             **cfg_kv.launch_options(),
         )
     if "q" not in passes:
+        return
+    if q_pass is not None:
+        q_pass(lse_units[0], delta)
         return
     if dbias is not None:
         layout = bias_grad_layout(dbias, (batch, heads, n_queries, n_keys))

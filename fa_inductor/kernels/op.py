@@ -43,7 +43,7 @@ from .flash_fwd import _flash_fwd_kernel, flash_forward
 from .masking import SPARSE_BLOCK, MaskSpec, window_extents
 
 __all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_interpreter", "mask_spec",
-           "GLUON_ENV", "hopper_forward_applies"]
+           "GLUON_ENV", "gluon_applies"]
 
 # FA_INDUCTOR_GLUON=0 keeps every forward on the portable Triton kernel (A/B comparisons, debugging).
 GLUON_ENV = "FA_INDUCTOR_GLUON"
@@ -154,7 +154,7 @@ def _run_forward(query, key, value, scale, spec):
             dot = dot_options(query.dtype, interpreted=query.device.type == "cpu")
             flash_decode.flash_decode(query, key, value, out, lse, scale, spec, dot)
             return out, lse
-        if hopper_forward_applies(query, key, value, scale, spec):
+        if gluon_applies(query, key, value, scale, spec):
             return torch.ops.fa_inductor.hopper_attention_forward(query, key, value, scale, spec.right,
                                                                   spec.bottom_right)
         _triton_forward(query, key, value, out, lse, scale, spec)
@@ -179,10 +179,20 @@ def _gluon_forward_module():
     return gluon_fwd
 
 
-def hopper_forward_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
-    """Whether the forward goes to the Gluon warp-specialised kernel (``gluon_fwd.py``): an sm90 GPU, a Triton
-    with Gluon, 16-bit operands with one head dim in ``gluon_fwd.HEAD_DIMS``, and no feature beyond a causal /
-    right-window mask.  Decided from dtypes, shapes' head dims and options only (no guard on lengths or
+def _gluon_usable(*tensors: Tensor) -> bool:
+    """The checks that depend on the data, made when the op runs: a capability-9.0 device, non-empty query and
+    key sets, and operands TMA can read."""
+    module = _gluon_forward_module()
+    query, key = tensors[0], tensors[1]
+    return (module is not None and query.shape[2] > 0 and key.shape[2] > 0
+            and torch.cuda.get_device_capability(query.device) == (9, 0)
+            and all(module.tma_compatible(t) for t in tensors))
+
+
+def gluon_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
+    """Whether the call goes to the Gluon warp-specialised kernels (``gluon_fwd.py`` for the forward,
+    ``gluon_bwd.py`` for the backward's dK/dV pass): an sm90 GPU, a Triton with Gluon, 16-bit operands with one
+    head dim in ``gluon_fwd.HEAD_DIMS``, and no feature beyond a causal / right-window mask.  Decided from dtypes, shapes' head dims and options only (no guard on lengths or
     strides); what depends on the data (alignment, strides, empty key sets) is checked again when the op runs,
     which falls back to the Triton kernel."""
     if (query.device.type != "cuda" or os.environ.get(GLUON_ENV, "1").strip() == "0"
@@ -213,19 +223,16 @@ def _count(name: str) -> None:
 @torch.library.custom_op("fa_inductor::hopper_attention_forward", mutates_args=(), device_types="cuda")
 def _hopper_forward(query: Tensor, key: Tensor, value: Tensor, scale: float, right: int,
                     bottom_right: bool) -> tuple[Tensor, Tensor]:
-    """(out, lse) for a call ``hopper_forward_applies`` accepted.  Opaque to the compiler (Inductor calls it as
+    """(out, lse) for a call ``gluon_applies`` accepted.  Opaque to the compiler (Inductor calls it as
     an extern kernel), because Gluon kernels cannot go through ``wrap_triton``.  Runs the Gluon kernel when the
     operands suit TMA on a capability-9.0 device, else the Triton forward; counters["fa_inductor"] records
     which ("gluon_forward" / "gluon_forward_fallback")."""
     out = empty_output(query, value)
     lse = empty_lse(query)
     spec = MaskSpec(right=right, bottom_right=bottom_right)
-    module = _gluon_forward_module()
-    n_queries, n_keys = query.shape[2], key.shape[2]
-    if (module is not None and n_queries > 0 and n_keys > 0
-            and torch.cuda.get_device_capability(query.device) == (9, 0)
-            and all(module.tma_compatible(t) for t in (query, key, value))):
-        module.gluon_forward(query, key, value, out, lse, scale, right, n_keys - n_queries if bottom_right else 0)
+    if _gluon_usable(query, key, value):
+        _gluon_forward_module().gluon_forward(query, key, value, out, lse, scale, right,
+                                              _shift(query, key, bottom_right))
         _count("gluon_forward")
     else:
         _triton_forward(query, key, value, out, lse, scale, spec)
@@ -238,12 +245,58 @@ def _(query, key, value, scale, right, bottom_right):
     return empty_output(query, value), empty_lse(query)
 
 
+def _shift(query: Tensor, key: Tensor, bottom_right: bool) -> int:
+    return key.shape[2] - query.shape[2] if bottom_right else 0
+
+
+@torch.library.custom_op("fa_inductor::hopper_attention_backward", mutates_args=(), device_types="cuda")
+def _hopper_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                     grad_lse: Optional[Tensor], scale: float, right: int,
+                     bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) for a call ``gluon_applies`` accepted, opaque for the same reason as the forward.  The dK/dV
+    pass runs the Gluon kernel when ``_gluon_usable``, the preprocess and dQ passes the Triton kernels;
+    counters["fa_inductor"] records "gluon_backward" / "gluon_backward_fallback"."""
+    spec = MaskSpec(right=right, bottom_right=bottom_right)
+    dq, dk, dv, _ = _empty_grads(query, key, value, None, False)
+    dot = dot_options(query.dtype, interpreted=False)
+    if _gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1:
+        from .gluon_bwd import gluon_backward_kv, gluon_backward_q
+
+        shift = _shift(query, key, bottom_right)
+
+        def kv_pass(lse_units, delta):
+            gluon_backward_kv(query, key, value, grad_out, lse_units, delta, dk, dv, scale, right, shift)
+
+        def q_pass(lse_units, delta):
+            gluon_backward_q(query, key, value, grad_out, lse_units, delta, dq, scale, right, shift)
+
+        # Both passes replaced: the Triton configs are not read (any will do).
+        flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec,
+                       INTERPRETER_CONFIG, INTERPRETER_CONFIG, dot, kv_pass=kv_pass, q_pass=q_pass)
+        _count("gluon_backward")
+    else:
+        cfg_kv, cfg_q = _configs(query, value, spec, Direction.BACKWARD_KV, Direction.BACKWARD_Q)
+        flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec, cfg_kv, cfg_q,
+                       dot)
+        _count("gluon_backward_fallback")
+    return dq, dk, dv
+
+
+@_hopper_backward.register_fake
+def _(grad_out, query, key, value, out, lse, grad_lse, scale, right, bottom_right):
+    return _empty_grads(query, key, value, None, False)[:3]
+
+
 def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, bias_requires_grad):
     bias = spec.bias if bias_requires_grad else None
     if query.numel() == 0 or key.numel() == 0:
         # No queries or no keys: every gradient is zero, as in the math formula.
         zeros = tuple(torch.zeros_like(t) for t in (query, key, value))
         return zeros + (torch.zeros_like(bias) if bias is not None else query.new_empty((0,)),)
+    if bias is None and gluon_applies(query, key, value, scale, spec) and grad_out.dtype == query.dtype:
+        dq, dk, dv = torch.ops.fa_inductor.hopper_attention_backward(grad_out, query, key, value, out, lse, grad_lse,
+                                                                     scale, spec.right, spec.bottom_right)
+        return dq, dk, dv, query.new_empty((0,))
     dq, dk, dv, dbias = _empty_grads(query, key, value, bias, bias is not None)
     dbias32 = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
     cfg_kv, cfg_q = _configs(query, value, spec, Direction.BACKWARD_KV, Direction.BACKWARD_Q)

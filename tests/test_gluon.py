@@ -1,5 +1,5 @@
-"""The Hopper Gluon forward (``kernels/gluon_fwd.py``): which calls take it, its numerics on awkward shapes, and
-the fallbacks that keep everything else on the Triton kernel.
+"""The Hopper Gluon kernels (``kernels/gluon_fwd.py``, ``kernels/gluon_bwd.py``): which calls take them, their
+numerics on awkward shapes, and the fallbacks that keep everything else on the Triton kernels.
 
 The GPU cases need an sm90 device and a Triton with Gluon; they skip cleanly elsewhere.  The host-side checks
 (TMA compatibility) run wherever Gluon imports.
@@ -13,7 +13,7 @@ import torch
 import fa_inductor  # noqa: F401  (registers the ops)
 from fa_inductor.kernels import op as op_module
 from attention_ref import assert_within_budget, attention_ref, lse_ref, torch_math
-from test_kernels import make_qkv
+from test_kernels import CAUSAL, make_qkv, run_case
 
 
 gluon_fwd = op_module._gluon_forward_module()  # None where the op would not use it
@@ -21,7 +21,6 @@ needs_gluon = pytest.mark.skipif(gluon_fwd is None, reason="this Triton has no G
 on_hopper = pytest.mark.skipif(
     gluon_fwd is None or not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
     reason="needs an sm90 GPU and Gluon")
-gpu = [pytest.mark.gpu, on_hopper]
 
 
 def _counters():
@@ -86,6 +85,34 @@ def test_gpu_gluon_forward_matches_reference(shape, head_d, dtype):
     torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)
     if not finite.all():
         assert (out[~finite] == 0).all(), "rows that see no key must give 0"
+
+
+BACKWARD_SHAPES = [
+    # batch, heads, kv_heads, M, N, causal, layout
+    (2, 4, 4, 256, 256, "none", "bhld"),
+    (2, 4, 4, 1000, 1000, "top_left", "bhld"),
+    (1, 8, 2, 333, 777, "none", "blhd"),
+    (1, 8, 2, 300, 777, "bottom_right", "blhd"),
+    (2, 3, 1, 129, 65, "none", "bhld"),
+    (1, 2, 2, 700, 600, "top_left", "bhld"),
+    (1, 2, 2, 600, 520, "bottom_right", "blhd"),
+    (1, 2, 2, 64, 1100, "top_left", "bhld"),  # keys past the last query: no query block sees them
+    (2, 4, 4, 384, 384, "top_left", "fused"),
+]
+
+
+@pytest.mark.parametrize("head_d", [64, 128])
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}-{s[6]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_gluon_backward_matches_reference(shape, head_d, dtype):
+    """Forward and backward against fp64 (``run_case``: out, LSE, dq, dk, dv within budget), with the dK/dV pass
+    on the Gluon kernel."""
+    assert shape[5] in CAUSAL
+    before = (_counters()["gluon_forward"], _counters()["gluon_backward"])
+    run_case(*shape[:5], head_d, head_d, dtype, "cuda", shape[5], shape[6])
+    assert (_counters()["gluon_forward"], _counters()["gluon_backward"]) == (before[0] + 1, before[1] + 1)
 
 
 @pytest.mark.gpu

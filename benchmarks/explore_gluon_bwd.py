@@ -1,0 +1,108 @@
+"""Exploration: the backward with its dK/dV and dQ passes on the Gluon kernels (``kernels/gluon_bwd.py``) or on
+the Triton kernels, against SDPA-cuDNN.
+
+    python benchmarks/explore_gluon_bwd.py [--dq-blocks 64 128] [--stages 2 3]
+
+For each ``bench_attention.py`` shape (16k tokens, model dim 2048) it times the whole backward (preprocess, dK/dV,
+dQ) for: Triton dK/dV + Triton dQ (the portable path), Gluon dK/dV + Triton dQ, and Gluon dK/dV + Gluon dQ with
+each dQ key block and ring depth given; each variant's gradients are compared with the Triton path's first.  All
+variants of a shape are timed in interleaved rounds (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from fa_inductor.kernels import op
+from fa_inductor.kernels.common import dot_options
+from fa_inductor.kernels.configs import Direction
+from fa_inductor.kernels.flash_bwd import flash_backward
+from fa_inductor.kernels.gluon_bwd import gluon_backward_kv, gluon_backward_q
+from fa_inductor.kernels.masking import MaskSpec
+
+
+def variants(q, k, v, do, out, lse, scale, causal, args):
+    spec = MaskSpec(right=0 if causal else -1)
+    right = 0 if causal else -1
+    cfg_kv, cfg_q = op._configs(q, v, spec, Direction.BACKWARD_KV, Direction.BACKWARD_Q)
+    dot = dot_options(q.dtype, interpreted=False)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+
+    def kv(lse_units, delta, stages=2):
+        gluon_backward_kv(q, k, v, do, lse_units, delta, grads[1], grads[2], scale, right, 0, stages=stages)
+
+    def make(kv_pass, q_pass):
+        return lambda: flash_backward(do, q, k, v, out, lse, None, *grads, None, scale, spec, cfg_kv, cfg_q, dot,
+                                      kv_pass=kv_pass, q_pass=q_pass)
+
+    result = {"triton": make(None, None), "gluon kv + triton q": make(kv, None)}
+    for stages in args.stages:
+        for block in args.dq_blocks:
+            def qp(lse_units, delta, block=block, stages=stages):
+                gluon_backward_q(q, k, v, do, lse_units, delta, grads[0], scale, right, 0, block_keys=block,
+                                 stages=stages)
+
+            def kvs(lse_units, delta, stages=stages):
+                kv(lse_units, delta, stages)
+            result[f"gluon kv s{stages} + q{block} s{stages}"] = make(kvs, qp)
+    return result, grads
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dq-blocks", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--stages", nargs="+", type=int, default=[2])
+    p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384])
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    for d in args.head_dims:
+        heads = 2048 // d
+        for length in args.seqlens:
+            batch = max(1, 16384 // length)
+            for causal in (False, True):
+                q, k, v, do = (torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16)
+                               for _ in range(4))
+                scale = d ** -0.5
+                out, lse = torch.ops.fa_inductor.flash_attention_forward(q, k, v, scale, causal, False)
+                impls, grads = variants(q, k, v, do, out, lse, scale, causal, args)
+                impls["triton"]()
+                reference = [g.clone() for g in grads]
+                errors = {}
+                for name, fn in list(impls.items()):
+                    for g in grads:
+                        g.fill_(float("nan"))
+                    try:
+                        fn()
+                    except triton.runtime.errors.OutOfResources as exc:  # e.g. a ring too deep for this head dim
+                        print(f"  {name}: skipped ({exc})", flush=True)
+                        del impls[name]
+                        continue
+                    errors[name] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, reference))
+
+                def cudnn():
+                    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+                        o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=causal, scale=scale)
+                    torch.autograd.grad(o, (qr, kr, vr), do)
+                qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+                times = {name: [] for name in list(impls) + ["cudnn fwd+bwd"]}
+                impls["cudnn fwd+bwd"] = cudnn
+                for _ in range(args.rounds):
+                    for name, fn in impls.items():
+                        times[name].append(triton.testing.do_bench(fn, warmup=25, rep=100))
+                flops = 2.5 * 4 * batch * heads * length * length * d / (2 if causal else 1)
+                line = f"D={d} L={length} causal={causal!s:5}"
+                for name, t in times.items():
+                    ms = statistics.median(t)
+                    err = f" err {errors[name]:.1e}" if name in errors else ""
+                    line += f" | {name} {ms:.3f} ms {flops / ms / 1e9:.0f} TF{err}"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Hopper (sm90) dK/dV backward pass in Gluon, warp-specialised like ``gluon_fwd.py``.
+
+The backward's largest pass is dK/dV (``flash_bwd.py``, launch 2): per block of keys it recomputes P for every
+query block that sees the keys and accumulates dV += P^T dO and dK += dS^T Q.  This kernel runs that pass; the
+preprocess (Delta, LSE in log2 units) and the dQ pass stay the Triton kernels of ``flash_bwd.py``.
+
+Each program owns 128 keys of one (batch, key head):
+
+* a producer partition (one warp) TMA-loads the program's K and V once, then streams (Q, dO) tiles of 64 query
+  rows through a ring of ``STAGES`` buffers, over every query head of the key head's group (grouped-query
+  attention without repeating K/V) and every query block that sees the keys;
+* two consumer partitions (one warp group each, 64 keys each) work in the transposed orientation, keys as rows:
+  S^T = K Q^T and dP^T = V dO^T are issued together as asynchronous MMAs, P^T is computed while dP^T is still
+  on the tensor cores, then dV += P^T dO and dK += dS^T Q with dS^T = P^T * (dP^T - Delta).
+
+Query rows past M arrive zero-filled (TMA) and carry LSE = +inf, so they add exactly nothing.  Only the query
+blocks that cross the causal diagonal pay for mask arithmetic.  ``gluon_backward_kv`` is called by
+``op.py``'s Hopper backward after checking what it supports (``op.gluon_applies``).
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+
+from .common import LOG2E
+from .gluon_fwd import _descriptor, _mma_layout, _tma_load
+
+__all__ = ["BLOCK_N", "gluon_backward_kv", "gluon_backward_q"]
+
+KEYS_PER_CONSUMER = 64
+BLOCK_N = 2 * KEYS_PER_CONSUMER
+QUERY_BLOCK = 64
+WG_N = gl.constexpr(KEYS_PER_CONSUMER)
+PROGRAM_N = gl.constexpr(BLOCK_N)
+TILE_M = gl.constexpr(QUERY_BLOCK)
+
+
+@gluon.jit
+def _kv_consumer(k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty, LseUnits, Delta, DK, DV, off_b, off_hk,
+                 key0, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group,
+                 n_queries, n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head,
+                 HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+    s_layout: gl.constexpr = _mma_layout(TILE_M)
+    acc_layout: gl.constexpr = _mma_layout(HEAD_D)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    dtype: gl.constexpr = k_bufs.dtype
+
+    keys = key0 + gl.arange(0, WG_N, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, TILE_M, layout=gl.SliceLayout(0, s_layout))
+    k = k_bufs.index(WG).reshape([WG_N, HEAD_D])
+    v = v_bufs.index(WG).reshape([WG_N, HEAD_D])
+    s_init = gl.zeros([WG_N, TILE_M], gl.float32, layout=s_layout)
+    dk = gl.zeros([WG_N, HEAD_D], gl.float32, layout=acc_layout)
+    dv = gl.zeros([WG_N, HEAD_D], gl.float32, layout=acc_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    for it in range(group * per_head):
+        off_h = off_hk * group + it // per_head
+        row0 = q_lo + (it % per_head) * TILE_M
+        rows = row0 + cols
+        stats = (off_b * n_heads + off_h).to(gl.int64) * n_queries + rows
+        # Rows past M: LSE = +inf makes P = 0 there.
+        lse = gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf"))
+        delta = gl.load(Delta + stats, mask=rows < n_queries, other=0.0)
+        stage = it % STAGES
+        mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
+        q = q_ring.index(stage).reshape([TILE_M, HEAD_D])
+        do = do_ring.index(stage).reshape([TILE_M, HEAD_D])
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        # In-order retirement: with one group left in flight, S^T is done and dP^T may not be.
+        st = warpgroup_mma_wait(1, deps=[st_tok])
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+        if row0 < full_lo:
+            keep = gl.expand_dims(keys, 1) <= gl.expand_dims(rows, 0) + (shift + right)
+            pt = gl.where(keep, pt, 0.0)
+        dpt = warpgroup_mma_wait(0, deps=[dpt_tok])
+        pt16 = gl.convert_layout(pt.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(pt16, do, dv, is_async=True)
+        dst16 = gl.convert_layout((pt * (dpt - gl.expand_dims(delta, 0))).to(dtype), a_layout)
+        dk_tok = warpgroup_mma(dst16, q, dk, is_async=True)
+        dv, dk, pt16, dst16 = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt16, dst16])
+        mbarrier.arrive(empty.index(stage), count=1)
+
+    keys_o = key0 + gl.arange(0, WG_N, layout=gl.SliceLayout(1, acc_layout))
+    dims = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
+    live = gl.expand_dims(keys_o < n_keys, 1)
+    key_off = gl.expand_dims(keys_o.to(gl.int64), 1)
+    dk_ptrs = (DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh + key_off * stride_dkn
+               + gl.expand_dims(dims, 0))
+    dv_ptrs = (DV + off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh + key_off * stride_dvn
+               + gl.expand_dims(dims, 0))
+    gl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=live)
+    gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=live)
+
+
+@gluon.jit
+def _kv_producer(q_desc, k_desc, v_desc, do_desc, k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty, off_b,
+                 off_hk, start_n, group, q_lo, per_head, STAGES: gl.constexpr):
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    _tma_load(k_desc, [off_b, off_hk, start_n, 0], kv_bar, k_bufs.index(0))
+    _tma_load(k_desc, [off_b, off_hk, start_n + WG_N, 0], kv_bar, k_bufs.index(1))
+    _tma_load(v_desc, [off_b, off_hk, start_n, 0], kv_bar, v_bufs.index(0))
+    _tma_load(v_desc, [off_b, off_hk, start_n + WG_N, 0], kv_bar, v_bufs.index(1))
+    for it in range(group * per_head):
+        off_h = off_hk * group + it // per_head
+        row0 = q_lo + (it % per_head) * TILE_M
+        stage = it % STAGES
+        # Fresh mbarriers count as having completed the phase before 0: the first lap does not wait.
+        mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        _tma_load(q_desc, [off_b, off_h, row0, 0], ready.index(stage), q_ring.index(stage))
+        _tma_load(do_desc, [off_b, off_h, row0, 0], ready.index(stage), do_ring.index(stage))
+
+
+@gluon.jit
+def _gluon_bwd_kv_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DK, DV, stride_dkb, stride_dkh,
+                         stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, kv_heads, group, n_queries, n_keys,
+                         n_n_blocks, shift, right, qk_scale, scale,
+                         HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    pid = gl.program_id(0)
+    bhk = pid // n_n_blocks
+    start_n = (pid % n_n_blocks) * PROGRAM_N
+    off_b = bhk // kv_heads
+    off_hk = bhk % kv_heads
+
+    # Query blocks [q_lo, M) see some key of this block; from full_lo on they see all of them.
+    q_lo = start_n * 0
+    full_lo = start_n * 0
+    if HAS_RIGHT:
+        q_lo = gl.maximum(start_n - shift - right, 0) // TILE_M * TILE_M
+        full_lo = gl.maximum(start_n + PROGRAM_N - 1 - shift - right, 0)
+    per_head = gl.maximum(gl.cdiv(n_queries - q_lo, TILE_M), 0)
+
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+    q_ring = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_ring = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(ready.index(stage), count=1)
+        mbarrier.init(empty.index(stage), count=2)  # both consumers release a stage
+
+    gl.warp_specialize([
+        (_kv_consumer, (k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty, LseUnits, Delta, DK, DV, off_b,
+                        off_hk, start_n, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                        n_heads, group, n_queries, n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head,
+                        HEAD_D, STAGES, HAS_RIGHT, 0)),
+        (_kv_consumer, (k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty, LseUnits, Delta, DK, DV, off_b,
+                        off_hk, start_n + WG_N, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                        stride_dvn, n_heads, group, n_queries, n_keys, shift, right, qk_scale, scale, q_lo, full_lo,
+                        per_head, HEAD_D, STAGES, HAS_RIGHT, 1)),
+        (_kv_producer, (q_desc, k_desc, v_desc, do_desc, k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty,
+                        off_b, off_hk, start_n, group, q_lo, per_head, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+@gluon.jit
+def _q_consumer(q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h, bh, row0,
+                stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift, right, qk_scale, scale, n_iter, n_full,
+                HEAD_D: gl.constexpr, BLOCK_KEYS: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                WG: gl.constexpr):
+    s_layout: gl.constexpr = _mma_layout(BLOCK_KEYS)
+    acc_layout: gl.constexpr = _mma_layout(HEAD_D)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    dtype: gl.constexpr = q_bufs.dtype
+
+    rows = row0 + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, BLOCK_KEYS, layout=gl.SliceLayout(0, s_layout))
+    stats = bh.to(gl.int64) * n_queries + rows
+    # Rows past M: LSE = +inf makes P = 0 there.
+    lse = gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf"))
+    delta = gl.load(Delta + stats, mask=rows < n_queries, other=0.0)
+    q = q_bufs.index(WG).reshape([TILE_M, HEAD_D])
+    do = do_bufs.index(WG).reshape([TILE_M, HEAD_D])
+    s_init = gl.zeros([TILE_M, BLOCK_KEYS], gl.float32, layout=s_layout)
+    dq = gl.zeros([TILE_M, HEAD_D], gl.float32, layout=acc_layout)
+    mbarrier.wait(qdo_bar, 0)
+
+    for it in range(n_iter):
+        stage = it % STAGES
+        mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
+        k = k_ring.index(stage).reshape([BLOCK_KEYS, HEAD_D])
+        v = v_ring.index(stage).reshape([BLOCK_KEYS, HEAD_D])
+        s_tok = warpgroup_mma(q, k.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do, v.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+        if it >= n_full:
+            keys = it * BLOCK_KEYS + cols
+            keep = gl.expand_dims(keys, 0) < n_keys
+            if HAS_RIGHT:
+                keep = keep & (gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1) + (shift + right))
+            p = gl.where(keep, p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        ds16 = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(dtype), a_layout)
+        dq_tok = warpgroup_mma(ds16, k, dq, is_async=True)
+        dq, ds16 = warpgroup_mma_wait(0, deps=[dq_tok, ds16])
+        mbarrier.arrive(empty.index(stage), count=1)
+
+    rows_o = row0 + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, acc_layout))
+    dims = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
+    dq_ptrs = (DQ + off_b.to(gl.int64) * stride_dqb + off_h.to(gl.int64) * stride_dqh
+               + gl.expand_dims(rows_o.to(gl.int64) * stride_dqm, 1) + gl.expand_dims(dims, 0))
+    gl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=gl.expand_dims(rows_o < n_queries, 1))
+
+
+@gluon.jit
+def _q_producer(q_desc, k_desc, v_desc, do_desc, q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, off_b,
+                off_h, off_hk, start_m, n_iter, BLOCK_KEYS: gl.constexpr, STAGES: gl.constexpr):
+    mbarrier.expect(qdo_bar, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
+    _tma_load(q_desc, [off_b, off_h, start_m, 0], qdo_bar, q_bufs.index(0))
+    _tma_load(q_desc, [off_b, off_h, start_m + TILE_M, 0], qdo_bar, q_bufs.index(1))
+    _tma_load(do_desc, [off_b, off_h, start_m, 0], qdo_bar, do_bufs.index(0))
+    _tma_load(do_desc, [off_b, off_h, start_m + TILE_M, 0], qdo_bar, do_bufs.index(1))
+    for it in range(n_iter):
+        stage = it % STAGES
+        mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [off_b, off_hk, it * BLOCK_KEYS, 0], ready.index(stage), k_ring.index(stage))
+        _tma_load(v_desc, [off_b, off_hk, it * BLOCK_KEYS, 0], ready.index(stage), v_ring.index(stage))
+
+
+@gluon.jit
+def _gluon_bwd_q_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DQ, stride_dqb, stride_dqh, stride_dqm,
+                        n_heads, group, n_queries, n_keys, n_m_blocks, shift, right, qk_scale, scale,
+                        HEAD_D: gl.constexpr, BLOCK_KEYS: gl.constexpr, STAGES: gl.constexpr,
+                        HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    pid = gl.program_id(0)
+    bh = pid // n_m_blocks
+    m_block = pid % n_m_blocks
+    if HAS_RIGHT:
+        m_block = n_m_blocks - 1 - m_block  # longest rows first
+    off_b = bh // n_heads
+    off_h = bh % n_heads
+    off_hk = off_h // group
+    start_m = m_block * (2 * TILE_M)
+    # Keys [0, hi) are visible to some row of this block, keys [0, n_full * BLOCK_KEYS) to all of them.
+    hi = n_keys
+    full_hi = n_keys
+    if HAS_RIGHT:
+        hi = gl.minimum(hi, gl.maximum(start_m + 2 * TILE_M + shift + right, 0))
+        full_hi = gl.minimum(full_hi, gl.maximum(start_m + shift + right + 1, 0))
+    n_iter = gl.cdiv(hi, BLOCK_KEYS)
+    n_full = full_hi // BLOCK_KEYS
+
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    do_bufs = gl.allocate_shared_memory(do_desc.dtype, [2] + do_desc.block_type.shape, do_desc.layout)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(qdo_bar, count=1)
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(ready.index(stage), count=1)
+        mbarrier.init(empty.index(stage), count=2)  # both consumers release a stage
+
+    gl.warp_specialize([
+        (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h, bh,
+                       start_m, stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift, right, qk_scale, scale,
+                       n_iter, n_full, HEAD_D, BLOCK_KEYS, STAGES, HAS_RIGHT, 0)),
+        (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h, bh,
+                       start_m + TILE_M, stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift, right,
+                       qk_scale, scale, n_iter, n_full, HEAD_D, BLOCK_KEYS, STAGES, HAS_RIGHT, 1)),
+        (_q_producer, (q_desc, k_desc, v_desc, do_desc, q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty,
+                       off_b, off_h, off_hk, start_m, n_iter, BLOCK_KEYS, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def gluon_backward_kv(q, k, v, grad_out, lse_units, delta, dk, dv, scale: float, causal_right: int, shift: int,
+                      stages: int = 2) -> None:
+    """Write dk, dv (last dim contiguous) for q [B, H, M, D], k / v [B, HK, N, D], grad_out [B, H, M, D], all
+    ``gluon_fwd.tma_compatible``; ``lse_units`` (LSE in log2 units, +inf for rows with no visible key) and
+    ``delta`` (rowsum(dO * O) - dLSE) are contiguous fp32 [B, H, M] from ``flash_bwd``'s preprocess.
+    ``causal_right`` < 0: no mask, else key j is visible to row i iff j <= i + shift + causal_right."""
+    batch, heads, n_queries, head_d = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    n_n_blocks = triton.cdiv(n_keys, BLOCK_N)
+    has_right = causal_right >= 0
+    _gluon_bwd_kv_kernel[(n_n_blocks * batch * kv_heads,)](
+        _descriptor(q, QUERY_BLOCK), _descriptor(k, KEYS_PER_CONSUMER), _descriptor(v, KEYS_PER_CONSUMER),
+        _descriptor(grad_out, QUERY_BLOCK), lse_units, delta, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2), heads, kv_heads, heads // kv_heads, n_queries, n_keys, n_n_blocks,
+        shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E, scale,
+        HEAD_D=head_d, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=240, PRODUCER_REGS=24,
+        num_warps=4, maxnreg=168)
+
+
+def gluon_backward_q(q, k, v, grad_out, lse_units, delta, dq, scale: float, causal_right: int, shift: int,
+                     block_keys: int = 64, stages: int = 2) -> None:
+    """Write dq (last dim contiguous) for the operands of ``gluon_backward_kv``: one program per 128 query rows
+    of one head, looping over the key blocks of ``block_keys`` rows that the forward visited."""
+    batch, heads, n_queries, head_d = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    n_m_blocks = triton.cdiv(n_queries, 2 * QUERY_BLOCK)
+    has_right = causal_right >= 0
+    _gluon_bwd_q_kernel[(n_m_blocks * batch * heads,)](
+        _descriptor(q, QUERY_BLOCK), _descriptor(k, block_keys), _descriptor(v, block_keys),
+        _descriptor(grad_out, QUERY_BLOCK), lse_units, delta, dq, dq.stride(0), dq.stride(1), dq.stride(2), heads,
+        heads // kv_heads, n_queries, n_keys, n_m_blocks, shift if has_right else 0,
+        causal_right if has_right else 0, scale * LOG2E, scale,
+        HEAD_D=head_d, BLOCK_KEYS=block_keys, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=240,
+        PRODUCER_REGS=24, num_warps=4, maxnreg=168)

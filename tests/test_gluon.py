@@ -107,12 +107,51 @@ BACKWARD_SHAPES = [
 @pytest.mark.gpu
 @on_hopper
 def test_gpu_gluon_backward_matches_reference(shape, head_d, dtype):
-    """Forward and backward against fp64 (``run_case``: out, LSE, dq, dk, dv within budget), with the dK/dV pass
-    on the Gluon kernel."""
+    """Forward and backward against fp64 (``run_case``: out, LSE, dq, dk, dv within budget).  The forward runs
+    the Gluon kernel; the backward's dK/dV and dQ passes too at the head dims listed for it, else Triton."""
     assert shape[5] in CAUSAL
     before = (_counters()["gluon_forward"], _counters()["gluon_backward"])
     run_case(*shape[:5], head_d, head_d, dtype, "cuda", shape[5], shape[6])
-    assert (_counters()["gluon_forward"], _counters()["gluon_backward"]) == (before[0] + 1, before[1] + 1)
+    gluon_backward = head_d in op_module.GLUON_BACKWARD_HEAD_DIMS
+    assert (_counters()["gluon_forward"], _counters()["gluon_backward"]) == (before[0] + 1,
+                                                                             before[1] + gluon_backward)
+
+
+@pytest.mark.parametrize("head_d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_gluon_backward_kernels_at_every_head_dim(head_d, causal):
+    """The Gluon dK/dV and dQ kernels called directly, including head dims the op keeps on Triton: gradients
+    within budget of fp64 on a GQA shape with tails."""
+    from fa_inductor.kernels.configs import INTERPRETER_CONFIG
+    from fa_inductor.kernels.flash_bwd import flash_backward
+    from fa_inductor.kernels.gluon_bwd import gluon_backward_kv, gluon_backward_q
+    from fa_inductor.kernels.masking import MaskSpec
+
+    q, k, v = make_qkv(1, 8, 2, 333, 777, head_d, head_d, torch.bfloat16, "cuda", "blhd")
+    scale = head_d ** -0.5
+    shift = 777 - 333 if causal else 0
+    out, lse = torch.ops.fa_inductor.flash_attention_forward(q, k, v, scale, causal, causal)
+    grad = torch.randn_like(out)
+    grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    right = 0 if causal else -1
+
+    def kv_pass(lse_units, delta):
+        gluon_backward_kv(q, k, v, grad, lse_units, delta, grads[1], grads[2], scale, right, shift)
+
+    def q_pass(lse_units, delta):
+        gluon_backward_q(q, k, v, grad, lse_units, delta, grads[0], scale, right, shift)
+
+    spec = MaskSpec(right=right, bottom_right=causal)
+    flash_backward(grad, q, k, v, out, lse, None, *grads, None, scale, spec, INTERPRETER_CONFIG, INTERPRETER_CONFIG,
+                   {"DOT_PRECISION": "ieee", "SOFT_BF16": False}, kv_pass=kv_pass, q_pass=q_pass)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    math_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    attention_ref(*ref_in, scale, causal, causal, upcast=False).backward(grad.double())
+    torch_math(*math_in, scale, causal, causal).backward(grad)
+    for name, g, r, t in zip("qkv", grads, ref_in, math_in):
+        assert_within_budget(f"d{name}", g, t.grad, r.grad, depth=head_d)
 
 
 @pytest.mark.gpu

@@ -45,8 +45,11 @@ from .masking import SPARSE_BLOCK, MaskSpec, window_extents
 __all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_interpreter", "mask_spec",
            "GLUON_ENV", "gluon_applies"]
 
-# FA_INDUCTOR_GLUON=0 keeps every forward on the portable Triton kernel (A/B comparisons, debugging).
+# FA_INDUCTOR_GLUON=0 keeps every call on the portable Triton kernels (A/B comparisons, debugging).
 GLUON_ENV = "FA_INDUCTOR_GLUON"
+# Head dims whose backward runs the Gluon dK/dV and dQ passes.  At head dim 64 they measured no faster than the
+# Triton passes on the H100 (benchmarks/reference/README.md, "The Gluon backward"), so it stays on Triton.
+GLUON_BACKWARD_HEAD_DIMS = (128,)
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -191,7 +194,7 @@ def _gluon_usable(*tensors: Tensor) -> bool:
 
 def gluon_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
     """Whether the call goes to the Gluon warp-specialised kernels (``gluon_fwd.py`` for the forward,
-    ``gluon_bwd.py`` for the backward's dK/dV pass): an sm90 GPU, a Triton with Gluon, 16-bit operands with one
+    ``gluon_bwd.py`` for the backward's dK/dV and dQ passes at ``GLUON_BACKWARD_HEAD_DIMS``): an sm90 GPU, a Triton with Gluon, 16-bit operands with one
     head dim in ``gluon_fwd.HEAD_DIMS``, and no feature beyond a causal / right-window mask.  Decided from dtypes, shapes' head dims and options only (no guard on lengths or
     strides); what depends on the data (alignment, strides, empty key sets) is checked again when the op runs,
     which falls back to the Triton kernel."""
@@ -293,7 +296,8 @@ def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, 
         # No queries or no keys: every gradient is zero, as in the math formula.
         zeros = tuple(torch.zeros_like(t) for t in (query, key, value))
         return zeros + (torch.zeros_like(bias) if bias is not None else query.new_empty((0,)),)
-    if bias is None and gluon_applies(query, key, value, scale, spec) and grad_out.dtype == query.dtype:
+    if (bias is None and query.shape[-1] in GLUON_BACKWARD_HEAD_DIMS and gluon_applies(query, key, value, scale, spec)
+            and grad_out.dtype == query.dtype):
         dq, dk, dv = torch.ops.fa_inductor.hopper_attention_backward(grad_out, query, key, value, out, lse, grad_lse,
                                                                      scale, spec.right, spec.bottom_right)
         return dq, dk, dv, query.new_empty((0,))

@@ -196,17 +196,28 @@ def test_gpu_gluon_forward_cuda_graph_replay():
 @pytest.mark.gpu
 @on_hopper
 def test_gpu_misaligned_operands_fall_back_exactly():
-    """A base 2 bytes off a 16-byte boundary cannot be read by TMA: the op runs the Triton kernel instead."""
-    m, d = 200, 64
+    """A base 2 bytes off a 16-byte boundary cannot be read by TMA: forward and backward run the Triton kernels
+    instead, and say so in the counters."""
+    m, d = 200, 128
     flat = torch.randn(2 * 4 * m * d + 1, device="cuda", dtype=torch.bfloat16)
-    q = flat[1:].view(2, 4, m, d)
-    k, v = (torch.randn(2, 4, m, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = flat[1:].view(2, 4, m, d).requires_grad_()
+    k, v = (torch.randn(2, 4, m, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     counters = _counters()
-    before = (counters["gluon_forward"], counters["gluon_forward_fallback"])
+    names = ("gluon_forward", "gluon_forward_fallback", "gluon_backward", "gluon_backward_fallback")
+    before = [counters[name] for name in names]
     out, _ = torch.ops.fa_inductor.flash_attention_forward(q, k, v, d ** -0.5, True, False)
-    assert (counters["gluon_forward"], counters["gluon_forward_fallback"]) == (before[0], before[1] + 1)
-    assert_within_budget("out", out, torch_math(q, k, v, d ** -0.5, True), attention_ref(q, k, v, d ** -0.5, True),
-                         depth=m)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert [counters[name] - b for name, b in zip(names, before)] == [0, 1, 0, 1]
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    math_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*ref_in, d ** -0.5, True, upcast=False)
+    theirs = torch_math(*math_in, d ** -0.5, True)
+    assert_within_budget("out", out, theirs, ref, depth=d)
+    ref.backward(grad.double())
+    theirs.backward(grad)
+    for name, g, r, t in zip("qkv", grads, ref_in, math_in):
+        assert_within_budget(f"d{name}", g, t.grad, r.grad, depth=d)
 
 
 @pytest.mark.parametrize("case", ["fp32", "head_dim_96", "bias", "window_left", "env_off"])
@@ -230,3 +241,14 @@ def test_gpu_unsupported_calls_skip_gluon(case, monkeypatch):
     ref = attention_ref(q, k, v, d ** -0.5, bias=kwargs.get("attn_bias"), window=window)
     theirs = torch_math(q, k, v, d ** -0.5, bias=kwargs.get("attn_bias"), window=window)
     assert_within_budget("out", out, theirs, ref, depth=256)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_opcheck_hopper_ops():
+    """Schema, fake (meta) implementation and real outputs of the two opaque Hopper ops agree."""
+    q, k, v = make_qkv(1, 4, 2, 200, 300, 128, 128, torch.bfloat16, "cuda", "blhd")
+    torch.library.opcheck(torch.ops.fa_inductor.hopper_attention_forward.default, (q, k, v, 0.125, 0, True))
+    out, lse = torch.ops.fa_inductor.hopper_attention_forward(q, k, v, 0.125, 0, True)
+    args = (torch.randn_like(out), q, k, v, out, lse, None, 0.125, 0, True)
+    torch.library.opcheck(torch.ops.fa_inductor.hopper_attention_backward.default, args)

@@ -39,6 +39,27 @@ TILE_M = gl.constexpr(QUERY_BLOCK)
 
 
 @gluon.jit
+def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
+    """Shared memory of both backward passes: two tiles each of the operands a program keeps (one per consumer,
+    signalled by one mbarrier), and a ring of ``STAGES`` tiles each of the operands it streams, with "ready"
+    (TMA bytes landed) and "empty" (both consumers released it) mbarriers per stage."""
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [2] + b_desc.block_type.shape, b_desc.layout)
+    ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, [STAGES] + ring_a_desc.block_type.shape,
+                                       ring_a_desc.layout)
+    ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, [STAGES] + ring_b_desc.block_type.shape,
+                                       ring_b_desc.layout)
+    resident = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(resident, count=1)
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(ready.index(stage), count=1)
+        mbarrier.init(empty.index(stage), count=2)
+    return a_bufs, b_bufs, ring_a, ring_b, resident, ready, empty
+
+
+@gluon.jit
 def _kv_consumer(k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty, LseUnits, Delta, DK, DV, off_b, off_hk,
                  key0, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group,
                  n_queries, n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head,
@@ -136,17 +157,7 @@ def _gluon_bwd_kv_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DK, D
         full_lo = gl.maximum(start_n + PROGRAM_N - 1 - shift - right, 0)
     per_head = gl.maximum(gl.cdiv(n_queries - q_lo, TILE_M), 0)
 
-    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
-    q_ring = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-    do_ring = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for stage in gl.static_range(STAGES):
-        mbarrier.init(ready.index(stage), count=1)
-        mbarrier.init(empty.index(stage), count=2)  # both consumers release a stage
+    k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty = _buffers(k_desc, v_desc, q_desc, do_desc, STAGES)
 
     gl.warp_specialize([
         (_kv_consumer, (k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty, LseUnits, Delta, DK, DV, off_b,
@@ -251,17 +262,7 @@ def _gluon_bwd_q_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DQ, st
     n_iter = gl.cdiv(hi, BLOCK_KEYS)
     n_full = full_hi // BLOCK_KEYS
 
-    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    do_bufs = gl.allocate_shared_memory(do_desc.dtype, [2] + do_desc.block_type.shape, do_desc.layout)
-    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(qdo_bar, count=1)
-    for stage in gl.static_range(STAGES):
-        mbarrier.init(ready.index(stage), count=1)
-        mbarrier.init(empty.index(stage), count=2)  # both consumers release a stage
+    q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty = _buffers(q_desc, do_desc, k_desc, v_desc, STAGES)
 
     gl.warp_specialize([
         (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h, bh,

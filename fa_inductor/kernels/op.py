@@ -14,7 +14,9 @@ defined in ``masking.py``: ``attn_bias`` (float bias or boolean mask, 4-D, each 
 ``dropout_p`` with ``rng_state`` (int64 [seed, offset], ``rng.new_rng_state``), ``block_mask`` (bool
 [Bm, Hm, ceil(M / block_size), ceil(N / block_size)]).  Rows with no visible key give out = 0, lse = -inf.
 
-Devices: CUDA tensors run the Triton kernels.  CPU tensors go to the opaque ops
+Devices: CUDA tensors run the Triton kernels, except on sm90 where ``gluon_applies`` routes calls to the
+warp-specialised Gluon kernels through the opaque ops ``fa_inductor::hopper_attention_forward`` /
+``..._backward`` (Gluon kernels cannot go through ``wrap_triton``).  CPU tensors go to the opaque ops
 ``fa_inductor::attention_forward_cpu`` / ``..._backward_cpu`` (opaque, so compiling a CPU graph neither unrolls
 their loops nor specialises on sequence length), which run the same Triton kernels through Triton's interpreter
 when it is enabled (``TRITON_INTERPRET=1`` before import) and otherwise an exact blockwise PyTorch computation

@@ -16,9 +16,9 @@ through mbarriers, and warp-specialised partitions.  Each program owns 128 query
 
 Scores are kept in log2 units (the scale times log2(e) folded into one multiply).  Only the key blocks that can
 hold an invisible score (the diagonal of a causal mask, the key tail) pay for mask arithmetic; rows that see no
-key give O = 0 and LSE = -inf.  ``eligible`` says which calls this kernel takes; everything else stays on the
-portable Triton kernel of ``flash_fwd.py``.  The module needs Gluon (Triton >= 3.5) and is imported only when
-that check passes.
+key give O = 0 and LSE = -inf.  ``op.gluon_applies`` (and, when the op runs, ``tma_compatible``) decides which
+calls this kernel takes; everything else stays on the portable Triton kernel of ``flash_fwd.py``.  The module
+needs Gluon in its Triton 3.6 form and ``op.py`` imports it only on a Triton that has it.
 """
 
 from __future__ import annotations

@@ -1,21 +1,25 @@
-"""Hopper (sm90) dK/dV backward pass in Gluon, warp-specialised like ``gluon_fwd.py``.
+"""Hopper (sm90) backward passes in Gluon, warp-specialised like ``gluon_fwd.py``: dK/dV and dQ.
 
-The backward's largest pass is dK/dV (``flash_bwd.py``, launch 2): per block of keys it recomputes P for every
-query block that sees the keys and accumulates dV += P^T dO and dK += dS^T Q.  This kernel runs that pass; the
-preprocess (Delta, LSE in log2 units) and the dQ pass stay the Triton kernels of ``flash_bwd.py``.
+They replace launches 2 and 3 of ``flash_bwd.py``; the preprocess (Delta, LSE in log2 units) stays the Triton
+kernel there.  Both passes recompute P = exp2(S - LSE) from the scores and dS = P * (dP - Delta) with
+dP = dO V^T.
 
-Each program owns 128 keys of one (batch, key head):
+dK/dV (``gluon_backward_kv``), one program per 128 keys of one (batch, key head):
 
 * a producer partition (one warp) TMA-loads the program's K and V once, then streams (Q, dO) tiles of 64 query
   rows through a ring of ``STAGES`` buffers, over every query head of the key head's group (grouped-query
   attention without repeating K/V) and every query block that sees the keys;
 * two consumer partitions (one warp group each, 64 keys each) work in the transposed orientation, keys as rows:
   S^T = K Q^T and dP^T = V dO^T are issued together as asynchronous MMAs, P^T is computed while dP^T is still
-  on the tensor cores, then dV += P^T dO and dK += dS^T Q with dS^T = P^T * (dP^T - Delta).
+  on the tensor cores, then dV += P^T dO and dK += dS^T Q.
 
-Query rows past M arrive zero-filled (TMA) and carry LSE = +inf, so they add exactly nothing.  Only the query
-blocks that cross the causal diagonal pay for mask arithmetic.  ``gluon_backward_kv`` is called by
-``op.py``'s Hopper backward after checking what it supports (``op.gluon_applies``).
+dQ (``gluon_backward_q``), one program per 128 query rows of one (batch, head): the producer loads Q and dO once
+and streams K and V in blocks of ``block_keys``; each consumer (64 rows) issues S = Q K^T and dP = dO V^T
+together and accumulates dQ += dS K.
+
+Query rows past M arrive zero-filled (TMA) and carry LSE = +inf, so they add exactly nothing; key tails and the
+blocks that cross the causal diagonal are the only ones that pay for mask arithmetic.  ``op.py``'s Hopper
+backward calls both after checking what they support (``op.gluon_applies``, ``op.GLUON_BACKWARD_HEAD_DIMS``).
 """
 
 from __future__ import annotations

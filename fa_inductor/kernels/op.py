@@ -152,16 +152,19 @@ def _triton_forward(query, key, value, out, lse, scale, spec) -> None:
 
 
 def _run_forward(query, key, value, scale, spec):
+    batch, heads, n_queries, _ = query.shape
+    has_output = batch * heads * n_queries * value.shape[-1] > 0
+    decode = has_output and flash_decode.eligible(query, key, spec)
+    if has_output and not decode and gluon_applies(query, key, value, scale, spec):
+        # The Hopper op allocates its own outputs.
+        return torch.ops.fa_inductor.hopper_attention_forward(query, key, value, scale, spec.right,
+                                                              spec.bottom_right)
     out = empty_output(query, value)
     lse = empty_lse(query)
-    if out.numel() > 0:
-        if flash_decode.eligible(query, key, spec):
-            dot = dot_options(query.dtype, interpreted=query.device.type == "cpu")
-            flash_decode.flash_decode(query, key, value, out, lse, scale, spec, dot)
-            return out, lse
-        if gluon_applies(query, key, value, scale, spec):
-            return torch.ops.fa_inductor.hopper_attention_forward(query, key, value, scale, spec.right,
-                                                                  spec.bottom_right)
+    if decode:
+        dot = dot_options(query.dtype, interpreted=query.device.type == "cpu")
+        flash_decode.flash_decode(query, key, value, out, lse, scale, spec, dot)
+    elif has_output:
         _triton_forward(query, key, value, out, lse, scale, spec)
     return out, lse
 
@@ -196,10 +199,11 @@ def _gluon_usable(*tensors: Tensor) -> bool:
 
 def gluon_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
     """Whether the call goes to the Gluon warp-specialised kernels (``gluon_fwd.py`` for the forward,
-    ``gluon_bwd.py`` for the backward's dK/dV and dQ passes at ``GLUON_BACKWARD_HEAD_DIMS``): an sm90 GPU, a Triton with Gluon, 16-bit operands with one
-    head dim in ``gluon_fwd.HEAD_DIMS``, and no feature beyond a causal / right-window mask.  Decided from dtypes, shapes' head dims and options only (no guard on lengths or
+    ``gluon_bwd.py`` for the backward's dK/dV and dQ passes at ``GLUON_BACKWARD_HEAD_DIMS``): an sm90 GPU, a
+    Triton with Gluon, 16-bit operands with one head dim in ``gluon_fwd.HEAD_DIMS``, and no feature beyond a
+    causal / right-window mask.  Decided from dtypes, static head dims and options only (no guard on lengths or
     strides); what depends on the data (alignment, strides, empty key sets) is checked again when the op runs,
-    which falls back to the Triton kernel."""
+    which falls back to the Triton kernels."""
     if (query.device.type != "cuda" or os.environ.get(GLUON_ENV, "1").strip() == "0"
             or query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype
             or value.dtype != query.dtype or scale < 0):
@@ -234,13 +238,12 @@ def _hopper_forward(query: Tensor, key: Tensor, value: Tensor, scale: float, rig
     which ("gluon_forward" / "gluon_forward_fallback")."""
     out = empty_output(query, value)
     lse = empty_lse(query)
-    spec = MaskSpec(right=right, bottom_right=bottom_right)
     if _gluon_usable(query, key, value):
         _gluon_forward_module().gluon_forward(query, key, value, out, lse, scale, right,
                                               _shift(query, key, bottom_right))
         _count("gluon_forward")
     else:
-        _triton_forward(query, key, value, out, lse, scale, spec)
+        _triton_forward(query, key, value, out, lse, scale, MaskSpec(right=right, bottom_right=bottom_right))
         _count("gluon_forward_fallback")
     return out, lse
 
@@ -258,9 +261,10 @@ def _shift(query: Tensor, key: Tensor, bottom_right: bool) -> int:
 def _hopper_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                      grad_lse: Optional[Tensor], scale: float, right: int,
                      bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for a call ``gluon_applies`` accepted, opaque for the same reason as the forward.  The dK/dV
-    pass runs the Gluon kernel when ``_gluon_usable``, the preprocess and dQ passes the Triton kernels;
-    counters["fa_inductor"] records "gluon_backward" / "gluon_backward_fallback"."""
+    """(dq, dk, dv) for a call ``gluon_applies`` accepted at a head dim in ``GLUON_BACKWARD_HEAD_DIMS``, opaque
+    for the same reason as the forward.  The dK/dV and dQ passes run the Gluon kernels when ``_gluon_usable``
+    (the preprocess stays the Triton kernel), else the whole Triton backward runs; counters["fa_inductor"]
+    records which ("gluon_backward" / "gluon_backward_fallback")."""
     spec = MaskSpec(right=right, bottom_right=bottom_right)
     dq, dk, dv, _ = _empty_grads(query, key, value, None, False)
     dot = dot_options(query.dtype, interpreted=False)
@@ -298,8 +302,9 @@ def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, 
         # No queries or no keys: every gradient is zero, as in the math formula.
         zeros = tuple(torch.zeros_like(t) for t in (query, key, value))
         return zeros + (torch.zeros_like(bias) if bias is not None else query.new_empty((0,)),)
-    if (bias is None and query.shape[-1] in GLUON_BACKWARD_HEAD_DIMS and gluon_applies(query, key, value, scale, spec)
-            and grad_out.dtype == query.dtype):
+    # gluon_applies first: it turns symbolic head dims away before the membership test could guard on them.
+    if (bias is None and grad_out.dtype == query.dtype and gluon_applies(query, key, value, scale, spec)
+            and query.shape[-1] in GLUON_BACKWARD_HEAD_DIMS):
         dq, dk, dv = torch.ops.fa_inductor.hopper_attention_backward(grad_out, query, key, value, out, lse, grad_lse,
                                                                      scale, spec.right, spec.bottom_right)
         return dq, dk, dv, query.new_empty((0,))

@@ -33,23 +33,22 @@ def variants(q, k, v, do, out, lse, scale, causal, args):
     dot = dot_options(q.dtype, interpreted=False)
     grads = [torch.empty_like(t) for t in (q, k, v)]
 
-    def kv(lse_units, delta, stages=2):
-        gluon_backward_kv(q, k, v, do, lse_units, delta, grads[1], grads[2], scale, right, 0, stages=stages)
-
     def make(kv_pass, q_pass):
         return lambda: flash_backward(do, q, k, v, out, lse, None, *grads, None, scale, spec, cfg_kv, cfg_q, dot,
                                       kv_pass=kv_pass, q_pass=q_pass)
 
-    result = {"triton": make(None, None), "gluon kv + triton q": make(kv, None)}
+    def kv(stages):
+        return lambda lse_units, delta: gluon_backward_kv(q, k, v, do, lse_units, delta, grads[1], grads[2], scale,
+                                                          right, 0, stages=stages)
+
+    def qp(block, stages):
+        return lambda lse_units, delta: gluon_backward_q(q, k, v, do, lse_units, delta, grads[0], scale, right, 0,
+                                                         block_keys=block, stages=stages)
+
+    result = {"triton": make(None, None), "gluon kv + triton q": make(kv(2), None)}
     for stages in args.stages:
         for block in args.dq_blocks:
-            def qp(lse_units, delta, block=block, stages=stages):
-                gluon_backward_q(q, k, v, do, lse_units, delta, grads[0], scale, right, 0, block_keys=block,
-                                 stages=stages)
-
-            def kvs(lse_units, delta, stages=stages):
-                kv(lse_units, delta, stages)
-            result[f"gluon kv s{stages} + q{block} s{stages}"] = make(kvs, qp)
+            result[f"gluon kv s{stages} + q{block} s{stages}"] = make(kv(stages), qp(block, stages))
     return result, grads
 
 
@@ -60,14 +59,17 @@ def main():
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--group", type=int, default=1, help="query heads per key head (GQA)")
     args = p.parse_args()
     for d in args.head_dims:
         heads = 2048 // d
         for length in args.seqlens:
             batch = max(1, 16384 // length)
             for causal in (False, True):
-                q, k, v, do = (torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16)
-                               for _ in range(4))
+                q, do = (torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16)
+                         for _ in range(2))
+                k, v = (torch.randn(batch, heads // args.group, length, d, device="cuda", dtype=torch.bfloat16)
+                        for _ in range(2))
                 scale = d ** -0.5
                 out, lse = torch.ops.fa_inductor.flash_attention_forward(q, k, v, scale, causal, False)
                 impls, grads = variants(q, k, v, do, out, lse, scale, causal, args)
@@ -89,7 +91,9 @@ def main():
                     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
                         o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=causal, scale=scale)
                     torch.autograd.grad(o, (qr, kr, vr), do)
-                qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+                # cuDNN gets K and V repeated to every query head (its time includes no repeat).
+                qr, kr, vr = (t.detach().repeat_interleave(heads // t.shape[1], 1).requires_grad_()
+                              for t in (q, k, v))
                 times = {name: [] for name in list(impls) + ["cudnn fwd+bwd"]}
                 impls["cudnn fwd+bwd"] = cudnn
                 for _ in range(args.rounds):

@@ -19,6 +19,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from profile_kernels import run_profiled
+
 
 def make(d, length):
     batch, heads = max(1, 16384 // length), 2048 // d
@@ -83,14 +85,7 @@ def main() -> None:
         fn = table[name]()
         fn()
         runs.append((name, fn))
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    for name, fn in runs:
-        torch.cuda.nvtx.range_push(name)
-        fn()
-        torch.cuda.nvtx.range_pop()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    run_profiled(runs)
 
 
 if __name__ == "__main__":

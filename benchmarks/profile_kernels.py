@@ -40,6 +40,12 @@ def main() -> None:
 
         step()
         steps.append((name, step))
+    run_profiled(steps)
+
+
+def run_profiled(steps) -> None:
+    """Run each (name, warmed-up function) once between cudaProfilerStart/Stop, inside an NVTX range named after
+    it: what ``ncu --profile-from-start off`` sees."""
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     for name, step in steps:

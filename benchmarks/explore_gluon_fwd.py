@@ -35,7 +35,20 @@ def reference(q, k, v, scale, causal_right, shift):
     return p @ v64, lse
 
 
-def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, block_n, stages):
+# Register budgets: (consumer registers, registers at launch).  "w" (wide): two programs fit on one SM, for
+# tiles small enough to live in 112 registers per consumer thread.
+REGISTERS = {"": (240, 168), "w": (112, 80)}
+
+
+def parse_config(cfg):
+    """"128x2" -> (block_n 128, 2 stages, the shipped register budget); "64x2w": the two-programs-per-SM one."""
+    suffix = cfg.lstrip("0123456789x")
+    block_n, stages = (int(x) for x in cfg[:len(cfg) - len(suffix)].split("x"))
+    return block_n, stages, REGISTERS[suffix]
+
+
+def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, block_n, stages,
+          regs=REGISTERS[""]):
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def make(h, length):
@@ -49,7 +62,7 @@ def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, 
     right = 0 if causal else -1
     out = empty_output(q, v)
     lse = empty_lse(q)
-    gluon_forward(q, k, v, out, lse, scale, right, shift, block_n, stages)
+    gluon_forward(q, k, v, out, lse, scale, right, shift, block_n, stages, *regs)
     torch.cuda.synchronize()
     ref, ref_lse = reference(q, k, v, scale, right, shift)
     # PyTorch's own same-precision math attention, the error budget's yardstick.
@@ -70,7 +83,7 @@ def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, 
     lse_ok = bool((lse[~finite] == float("-inf")).all())
     ok = err <= 3 * max(math_err, 1e-3) and lse_err < 1e-3 and lse_ok and bool(torch.isfinite(out).all())
     print(f"{'ok ' if ok else 'BAD'} B={batch} H={heads}/{kv_heads} M={m} N={n} D={d} causal={causal} "
-          f"br={bottom_right} {layout} {str(dtype)[6:]} bn={block_n} st={stages}: err {err:.2e} "
+          f"br={bottom_right} {layout} {str(dtype)[6:]} bn={block_n} st={stages} regs={regs[0]}: err {err:.2e} "
           f"(math {math_err:.2e}) lse {lse_err:.1e}", flush=True)
     return ok
 
@@ -94,9 +107,9 @@ def bench(args):
                 scale = d ** -0.5
                 impls = {}
                 for cfg in args.configs:
-                    bn, st = (int(x) for x in cfg.split("x"))
-                    impls[f"gluon {cfg}"] = (lambda bn=bn, st=st: gluon_forward(q, k, v, out, lse, scale,
-                                                                              0 if causal else -1, 0, bn, st))
+                    bn, st, regs = parse_config(cfg)
+                    impls[f"gluon {cfg}"] = (lambda bn=bn, st=st, regs=regs: gluon_forward(
+                        q, k, v, out, lse, scale, 0 if causal else -1, 0, bn, st, *regs))
                 impls["fa_inductor"] = lambda: torch.ops.fa_inductor.flash_attention_forward(q, k, v, scale, causal,
                                                                                              False)
                 def cudnn():
@@ -123,14 +136,15 @@ def bench(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--check-only", action="store_true")
-    p.add_argument("--configs", nargs="+", default=["128x2"])
+    p.add_argument("--configs", nargs="+", default=["128x2"],
+                   help="block_n x stages, e.g. 128x2; suffix w: the two-programs-per-SM register budget (64x2w)")
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     ok = True
     for cfg in args.configs:
-        bn, st = (int(x) for x in cfg.split("x"))
+        bn, st, regs = parse_config(cfg)
         for d in args.head_dims:
             for (b, h, hk, m, n, causal, br, layout) in (
                     (2, 4, 4, 256, 256, False, False, "bhmd"),
@@ -142,7 +156,7 @@ def main():
                     (1, 2, 2, 64, 4096, True, True, "bmhd"),
                     (1, 2, 1, 1, 5, False, False, "bhmd")):
                 for dtype in ((torch.bfloat16, torch.float16) if m == 1000 else (torch.bfloat16,)):
-                    ok &= check(b, h, hk, m, n, d, causal, br, layout, dtype, bn, st)
+                    ok &= check(b, h, hk, m, n, d, causal, br, layout, dtype, bn, st, regs)
     print("ALL OK" if ok else "SOME BAD", flush=True)
     if not args.check_only:
         bench(args)

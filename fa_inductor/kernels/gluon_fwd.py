@@ -237,11 +237,13 @@ def _descriptor(x, rows: int):
 
 
 def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int, block_n: int = 128,
-                  stages: int = 2):
+                  stages: int = 2, consumer_regs: int = 240, maxnreg: int = 168):
     """Launch the kernel.  q [B, H, M, D], k / v [B, HK, N, D] (16-bit, last dim contiguous, TMA-aligned);
     ``causal_right`` < 0: no causal mask, else key j is visible to row i iff j <= i + shift + causal_right.
     Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
-    Writes out [B, H, M, D] (any strides with a contiguous last dim) and lse [B, H, M] (contiguous fp32)."""
+    Writes out [B, H, M, D] (any strides with a contiguous last dim) and lse [B, H, M] (contiguous fp32).
+    ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch (the shipped 240 / 168 keep one
+    program per SM; ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     n_m_blocks = triton.cdiv(n_queries, BLOCK_M)
@@ -250,5 +252,5 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
         _descriptor(q, ROWS_PER_CONSUMER), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
         out.stride(0), out.stride(1), out.stride(2), heads, heads // kv_heads, n_queries, n_keys, n_m_blocks,
         shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E,
-        HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=240, PRODUCER_REGS=24,
-        num_warps=4, maxnreg=168)
+        HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=consumer_regs,
+        PRODUCER_REGS=24, num_warps=4, maxnreg=maxnreg)

@@ -20,6 +20,19 @@ import fa_inductor
 SHAPES = ((128, 4096, 4, 16), (64, 4096, 4, 32))  # head dim, length, batch, heads (16k tokens, model dim 2048)
 
 
+def timed(fn, calls: int, warmup: int) -> tuple[float, float]:
+    """Seconds per call of ``calls`` back-to-back calls: as the host saw them return, and once the GPU is done."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - start) / calls
+
+
 def main() -> None:
     print("| head dim | length | impl | host ms per call | host + GPU ms per call |")
     print("|---|---|---|---|---|")
@@ -30,29 +43,8 @@ def main() -> None:
         impls = {"fa_inductor": lambda: fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=True),
                  "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)}
         for name, fn in impls.items():
-            for _ in range(3):
-                torch.autograd.grad(fn(), (q, k, v), grad)
-            torch.cuda.synchronize()
-            calls = 20
-            start = time.perf_counter()
-            for _ in range(calls):
-                torch.autograd.grad(fn(), (q, k, v), grad)
-            host = (time.perf_counter() - start) / calls
-            torch.cuda.synchronize()
-            total = (time.perf_counter() - start) / calls
+            host, total = timed(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad), calls=20, warmup=3)
             print(f"| {d} | {length} | {name} | {host * 1e3:.3f} | {total * 1e3:.3f} |", flush=True)
-
-
-def host_us(fn, calls=200):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - start) / calls
-    torch.cuda.synchronize()
-    return host * 1e6
 
 
 def layers() -> None:
@@ -108,7 +100,7 @@ def layers() -> None:
     }
     print("\n| layer (1 x 2 x 256 x 128, causal) | host us per call |\n|---|---|")
     for name, fn in cases.items():
-        print(f"| {name} | {host_us(fn):.1f} |", flush=True)
+        print(f"| {name} | {timed(fn, calls=200, warmup=5)[0] * 1e6:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ needs Gluon in its Triton 3.6 form and ``op.py`` imports it only on a Triton tha
 
 from __future__ import annotations
 
+import functools
+
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -226,11 +228,18 @@ def tma_compatible(x) -> bool:
     return all(size == 1 or (stride > 0 and stride % 8 == 0) for size, stride in zip(x.shape[:3], x.stride()[:3]))
 
 
+@functools.lru_cache(maxsize=None)
+def _tile_layout(rows: int, head_d: int, itemsize: int):
+    """The shared-memory layout of a [1, 1, rows, head_d] TMA tile (computed once per tile shape: descriptors are
+    built on every launch)."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_d], gl.float16 if itemsize == 2 else gl.float32)
+
+
 def _descriptor(x, rows: int):
     """A TMA descriptor over the 4-D tensor ``x`` [B, H, L, D] loading [1, 1, rows, D] tiles.  A dim of length
     1 may carry any stride in PyTorch; the descriptor gets a valid one (only index 0 is ever read there)."""
     block = [1, 1, rows, x.shape[3]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if x.dtype.itemsize == 2 else gl.float32)
+    layout = _tile_layout(rows, x.shape[3], x.dtype.itemsize)
     strides = [stride if size > 1 else 8 * max(1, -(-abs(stride) // 8))
                for size, stride in zip(x.shape[:3], x.stride()[:3])] + [1]
     return TensorDescriptor(x, list(x.shape), strides, block, layout)

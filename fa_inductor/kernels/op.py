@@ -151,6 +151,12 @@ def _triton_forward(query, key, value, out, lse, scale, spec) -> None:
                   dot_options(query.dtype, interpreted=query.device.type == "cpu"))
 
 
+def _triton_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, dbias, scale, spec) -> None:
+    cfg_kv, cfg_q = _configs(query, value, spec, Direction.BACKWARD_KV, Direction.BACKWARD_Q)
+    flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, dbias, scale, spec, cfg_kv, cfg_q,
+                   dot_options(query.dtype, interpreted=query.device.type == "cpu"))
+
+
 def _run_forward(query, key, value, scale, spec):
     batch, heads, n_queries, _ = query.shape
     has_output = batch * heads * n_queries * value.shape[-1] > 0
@@ -267,7 +273,6 @@ def _hopper_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
     records which ("gluon_backward" / "gluon_backward_fallback")."""
     spec = MaskSpec(right=right, bottom_right=bottom_right)
     dq, dk, dv, _ = _empty_grads(query, key, value, None, False)
-    dot = dot_options(query.dtype, interpreted=False)
     if _gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1:
         from .gluon_bwd import gluon_backward_kv, gluon_backward_q
 
@@ -281,12 +286,11 @@ def _hopper_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
 
         # Both passes replaced: the Triton configs are not read (any will do).
         flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec,
-                       INTERPRETER_CONFIG, INTERPRETER_CONFIG, dot, kv_pass=kv_pass, q_pass=q_pass)
+                       INTERPRETER_CONFIG, INTERPRETER_CONFIG, dot_options(query.dtype, interpreted=False),
+                       kv_pass=kv_pass, q_pass=q_pass)
         _count("gluon_backward")
     else:
-        cfg_kv, cfg_q = _configs(query, value, spec, Direction.BACKWARD_KV, Direction.BACKWARD_Q)
-        flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec, cfg_kv, cfg_q,
-                       dot)
+        _triton_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec)
         _count("gluon_backward_fallback")
     return dq, dk, dv
 
@@ -310,9 +314,7 @@ def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, 
         return dq, dk, dv, query.new_empty((0,))
     dq, dk, dv, dbias = _empty_grads(query, key, value, bias, bias is not None)
     dbias32 = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
-    cfg_kv, cfg_q = _configs(query, value, spec, Direction.BACKWARD_KV, Direction.BACKWARD_Q)
-    flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, dbias32, scale, spec, cfg_kv, cfg_q,
-                   dot_options(query.dtype, interpreted=query.device.type == "cpu"))
+    _triton_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, dbias32, scale, spec)
     if bias is not None:
         dbias.copy_(dbias32)
     return dq, dk, dv, dbias

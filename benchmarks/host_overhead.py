@@ -1,16 +1,21 @@
 """Host (CPU) time of one eager forward + backward call, fa_inductor against SDPA (cuDNN on an H100).
 
-    python benchmarks/host_overhead.py [--layers]
+    python benchmarks/host_overhead.py [--layers [--rounds N]] [--profile]
 
 For each shape: the wall time per call of 20 back-to-back calls without synchronising (the host's cost, as long
 as the GPU queue does not fill) and with the final synchronisation (the host's and the GPU's together).  When the
 first approaches the second, the call is host-bound.  ``--layers`` also times each layer of the call stack alone
 on a tiny shape (host microseconds per call), from the kernel launches up to the public function.
+``--profile`` runs cProfile over 200 such forward + backward calls and prints the functions with the most time
+of their own and the most time below them.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import statistics
 import time
 
 import torch
@@ -47,7 +52,7 @@ def main() -> None:
             print(f"| {d} | {length} | {name} | {host * 1e3:.3f} | {total * 1e3:.3f} |", flush=True)
 
 
-def layers() -> None:
+def layers(rounds: int) -> None:
     from fa_inductor.kernels import op
     from fa_inductor.kernels.common import dot_options, empty_lse, empty_output
     from fa_inductor.kernels.configs import INTERPRETER_CONFIG
@@ -70,6 +75,8 @@ def layers() -> None:
     def noop(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape)
 
+    eager_out = op.EagerAttention.apply(qg, kg, vg, scale, True, False, None, -1, -1, None, None, 0.0, 0.0, None,
+                                        None, 128)[0]
     cases = {
         "torch.empty_like (reference)": lambda: torch.empty_like(q),
         "a no-op torch.library.custom_op": lambda: noop(q),
@@ -93,19 +100,64 @@ def layers() -> None:
             g, q, k, v, fwd_out, fwd_lse, None, scale, 0, False),
         "op flash_attention_backward": lambda: torch.ops.fa_inductor.flash_attention_backward(
             g, q, k, v, fwd_out, fwd_lse, None, scale, True, False),
+        "registered op with its autograd formula, forward + backward": lambda: torch.autograd.grad(
+            torch.ops.fa_inductor.flash_attention_forward(qg, kg, vg, scale, True, False)[0], (qg, kg, vg), g),
+        "EagerAttention, forward + backward": lambda: torch.autograd.grad(
+            op.EagerAttention.apply(qg, kg, vg, scale, True, False, None, -1, -1, None, None, 0.0, 0.0, None, None,
+                                    128)[0], (qg, kg, vg), g),
+        "EagerAttention, forward (no grad)": lambda: op.EagerAttention.apply(
+            q, k, v, scale, True, False, None, -1, -1, None, None, 0.0, 0.0, None, None, 128),
+        "EagerAttention, backward (graph kept)": lambda: torch.autograd.grad(
+            eager_out, (qg, kg, vg), g, retain_graph=True),
         "scaled_dot_product_attention, forward + backward": lambda: torch.autograd.grad(
             fa_inductor.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg), g),
         "SDPA, forward + backward": lambda: torch.autograd.grad(
             torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg), g),
     }
-    print("\n| layer (1 x 2 x 256 x 128, causal) | host us per call |\n|---|---|")
-    for name, fn in cases.items():
-        print(f"| {name} | {timed(fn, calls=200, warmup=5)[0] * 1e6:.1f} |", flush=True)
+    # Interleaved rounds, medians: the host's speed drifts (other tenants, clocks) more than some layers differ.
+    samples = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            samples[name].append(timed(fn, calls=200, warmup=5)[0] * 1e6)
+    print(f"\n| layer (1 x 2 x 256 x 128, causal) | host us per call (median of {rounds} rounds) | min | max |")
+    print("|---|---|---|---|")
+    for name, values in samples.items():
+        print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f} | {max(values):.1f} |", flush=True)
+
+
+def profile(calls: int = 200) -> None:
+    q, k, v = (torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def step():
+        torch.autograd.grad(fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
+
+    timed(step, calls=5, warmup=5)
+    # The autograd engine runs backward on its own thread, which cProfile would not see.
+    torch.autograd.set_multithreading_enabled(False)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    torch.autograd.set_multithreading_enabled(True)
+    stats = pstats.Stats(profiler)
+    print(f"\ncProfile of {calls} forward + backward calls (1 x 2 x 256 x 128, causal), by own time:")
+    stats.sort_stats("tottime").print_stats(30)
+    print("by cumulative time:")
+    stats.sort_stats("cumulative").print_stats(60)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", action="store_true")
-    if parser.parse_args().layers:
-        layers()
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --layers")
+    options = parser.parse_args()
+    if options.profile:
+        profile()
+    if options.layers:
+        layers(options.rounds)
     main()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels.masking import SPARSE_BLOCK
+from .kernels.op import EagerAttention, eager_applies
 from .kernels.rng import new_rng_state
 
 __all__ = ["scaled_dot_product_attention", "block_sparse_attention", "flash_attention", "fallback_reason"]
@@ -37,6 +38,22 @@ def _causal_bias_variant(attn_mask) -> Optional[str]:
     if not isinstance(attn_mask, CausalBias):
         return None
     return "top_left" if attn_mask.variant == CausalVariant.UPPER_LEFT else "bottom_right"
+
+
+def _broadcast_shapes(*shapes) -> torch.Size:
+    """``torch.broadcast_shapes`` (same result, same RuntimeError) without its host cost for static shapes;
+    traced calls and symbolic sizes go to torch's."""
+    if torch.compiler.is_compiling() or not all(type(size) is int for shape in shapes for size in shape):
+        return torch.broadcast_shapes(*shapes)
+    ndim = max(len(shape) for shape in shapes)
+    result = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if result[i] not in (1, size):
+                    raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} cannot be broadcast together")
+                result[i] = size
+    return torch.Size(result)
 
 
 def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
@@ -66,7 +83,7 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
                         f"{type(scale).__name__}")
     batch_dims = -3 if enable_gqa else -2
     try:
-        torch.broadcast_shapes(query.shape[:batch_dims], key.shape[:batch_dims], value.shape[:batch_dims])
+        _broadcast_shapes(query.shape[:batch_dims], key.shape[:batch_dims], value.shape[:batch_dims])
     except RuntimeError:
         raise RuntimeError("scaled_dot_product_attention: the batch/head dimensions of query "
                            f"{tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} do not "
@@ -112,12 +129,12 @@ def _broadcast_heads(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
     squeeze = query.dim() == 3
     if squeeze:
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-    batch = torch.broadcast_shapes(query.shape[:1], key.shape[:1], value.shape[:1])[0]
+    batch = _broadcast_shapes(query.shape[:1], key.shape[:1], value.shape[:1])[0]
     hq, hk, hv = query.shape[1], key.shape[1], value.shape[1]
     if enable_gqa and hk == hv and hk != 0 and hq % hk == 0:
         heads, kv_heads = hq, hk
     else:
-        heads = kv_heads = torch.broadcast_shapes((hq,), (hk,), (hv,))[0]
+        heads = kv_heads = _broadcast_shapes((hq,), (hk,), (hv,))[0]
     query = query.expand(batch, heads, *query.shape[2:])
     key = key.expand(batch, kv_heads, *key.shape[2:])
     value = value.expand(batch, kv_heads, *value.shape[2:])
@@ -153,7 +170,7 @@ def _validate_mask(query: Tensor, key: Tensor, attn_mask) -> None:
         return
     target = (*query.shape[:-1], key.shape[-2])  # [..., H, M, N]
     try:
-        if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
+        if _broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
             raise RuntimeError
     except RuntimeError:
         raise RuntimeError(f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} does not "
@@ -288,10 +305,12 @@ def flash_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[f
         bias, blocks = (_swap_head_factors(t, group, key.shape[-3]) if t is not None and t.shape[1] > 1 else t
                         for t in (bias, blocks))
     rng_state = new_rng_state(q.device) if dropout_p > 0 else None
-    out, lse = torch.ops.fa_inductor.flash_attention_forward(
-        q, k, v, float(scale), bool(is_causal), bool(bottom_right), attn_bias=bias, window_left=int(window[0]),
-        window_right=int(window[1]), seqlens_q=seqlens_q, seqlens_k=seqlens_k, softcap=float(softcap),
-        dropout_p=float(dropout_p), rng_state=rng_state, block_mask=blocks, block_size=int(block_size))
+    args = (q, k, v, float(scale), bool(is_causal), bool(bottom_right), bias, int(window[0]), int(window[1]),
+            seqlens_q, seqlens_k, float(softcap), float(dropout_p), rng_state, blocks, int(block_size))
+    if eager_applies(q, k, v, bias, seqlens_q, seqlens_k, rng_state, blocks):
+        out, lse = EagerAttention.apply(*args)  # same computation, less host time per call
+    else:
+        out, lse = torch.ops.fa_inductor.flash_attention_forward(*args)
     if nan_empty_rows:
         out = out.masked_fill((lse == float("-inf")).unsqueeze(-1), float("nan"))
     if group > 1:

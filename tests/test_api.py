@@ -260,3 +260,94 @@ def test_gpu_profiler_shows_op_name():
         fa_inductor.scaled_dot_product_attention(q, k, v)
         torch.cuda.synchronize()
     assert any("fa_inductor" in e.name for e in prof.events())
+
+
+# --- the eager path (EagerAttention) -----------------------------------------------------------------------
+
+def _op_arguments(q, k, v, bias, rng_state):
+    """The forward op's 16 positional arguments: GQA, a float bias, a window, softcapping and dropout."""
+    return (q, k, v, 0.3, False, False, bias, 20, 5, None, None, 4.0, 0.25 if rng_state is not None else 0.0,
+            rng_state, None, 128)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout", [False, True])
+def test_eager_path_matches_the_op(device, dropout):
+    """Plain eager calls run EagerAttention (the op's functions without the dispatcher): forward, LSE and every
+    gradient (bias included) are bit-identical to the registered op's on the same inputs and dropout state."""
+    from fa_inductor.kernels.op import EagerAttention, eager_applies
+    from fa_inductor.kernels.rng import new_rng_state
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = rand(2, 4, 45, 32, device=device, dtype=dtype).requires_grad_()
+    k, v = (rand(2, 2, 51, 32, device=device, dtype=dtype).requires_grad_() for _ in range(2))
+    bias = rand(2, 4, 45, 51, device=device, dtype=dtype).requires_grad_()
+    rng_state = new_rng_state(q.device) if dropout else None
+    assert eager_applies(q, k, v, bias, rng_state)
+    weights = rand(2, 4, 45, 32, device=device, dtype=dtype), rand(2, 4, 45, device=device)
+    results = []
+    for call in (EagerAttention.apply, torch.ops.fa_inductor.flash_attention_forward):
+        out, lse = call(*_op_arguments(q, k, v, bias, rng_state))
+        loss = (out * weights[0]).float().sum() + (lse * weights[1]).sum()
+        results.append((out, lse, *torch.autograd.grad(loss, (q, k, v, bias))))
+    for name, eager, op in zip(("out", "lse", "dq", "dk", "dv", "dbias"), *results):
+        assert torch.equal(eager, op), name
+    assert results[0][2].abs().sum() > 0 and results[0][5].abs().sum() > 0
+
+
+def test_eager_path_only_for_plain_eager_calls():
+    """Tracers, modes, tensor subclasses and functorch transforms see the registered op, never EagerAttention."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.overrides import TorchFunctionMode
+
+    from fa_inductor.kernels.op import eager_applies
+
+    q = rand(1, 2, 16, 16)
+    assert eager_applies(q, None)
+    with FakeTensorMode() as mode:
+        assert not eager_applies(mode.from_tensor(q))
+    with TorchFunctionMode():
+        assert not eager_applies(q)
+    seen = []
+    torch.func.vmap(lambda x: seen.append(eager_applies(x)) or x)(q)
+    assert seen == [False]
+    graph = make_fx(lambda a: fa_inductor.scaled_dot_product_attention(a, a, a))(q)
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert any("fa_inductor.flash_attention_forward" in t for t in targets), targets
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a: fa_inductor.scaled_dot_product_attention(a, a, a), backend=capture,
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(q), fa_inductor.scaled_dot_product_attention(q, q, q))
+    assert any("flash_attention_forward" in str(n.target) for gm in graphs for n in gm.graph.nodes)
+
+
+def test_eager_path_refuses_double_backward():
+    q, k, v = (rand(1, 2, 16, 16).requires_grad_() for _ in range(3))
+    out = fa_inductor.scaled_dot_product_attention(q, k, v)
+    (dq,) = torch.autograd.grad(out.square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(dq.sum(), (q,))
+
+
+def test_static_broadcast_matches_torch():
+    from fa_inductor.attention import _broadcast_shapes
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        n = int(torch.randint(1, 4, (1,), generator=generator))
+        shapes = [tuple(int(s) for s in torch.randint(0, 4, (int(torch.randint(0, 4, (1,), generator=generator)),),
+                                                      generator=generator)) for _ in range(n)]
+        try:
+            expected = torch.broadcast_shapes(*shapes)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                _broadcast_shapes(*shapes)
+        else:
+            assert _broadcast_shapes(*shapes) == expected, shapes

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "LOG2E_JIT", "launch", "divides", "is_interpreted", "dot_options", "mma", "round_to",
+__all__ = ["LOG2E", "LOG2E_JIT", "launch", "direct_launches", "divides", "is_interpreted", "dot_options", "mma", "round_to",
            "empty_output", "empty_lse"]
 
 LOG2E = math.log2(math.e)
@@ -25,10 +27,27 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+_LAUNCH = threading.local()
+
+
+@contextlib.contextmanager
+def direct_launches():
+    """Within this context ``launch`` calls kernels directly.  For code that no tracer can see (the eager path,
+    ``op.EagerAttention``): ``wrap_triton`` would route each launch through its higher-order op, which costs
+    about 0.1-0.2 ms of host time per launch outside ``torch.library.triton_op``."""
+    previous = getattr(_LAUNCH, "direct", False)
+    _LAUNCH.direct = True
+    try:
+        yield
+    finally:
+        _LAUNCH.direct = previous
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Launch through ``wrap_triton`` so that torch.compile / export see the kernel.  An interpreted kernel
-    (CPU tensors under ``TRITON_INTERPRET=1``, always inside an opaque op) is called directly."""
-    if is_interpreted(kernel):
+    (CPU tensors under ``TRITON_INTERPRET=1``, always inside an opaque op) and any kernel inside
+    ``direct_launches`` is called directly."""
+    if is_interpreted(kernel) or getattr(_LAUNCH, "direct", False):
         kernel[grid](*args, **kwargs)
     else:
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)

@@ -21,10 +21,16 @@ warp-specialised Gluon kernels through the opaque ops ``fa_inductor::hopper_atte
 their loops nor specialises on sequence length), which run the same Triton kernels through Triton's interpreter
 when it is enabled (``TRITON_INTERPRET=1`` before import) and otherwise an exact blockwise PyTorch computation
 with memory linear in sequence length.
+
+Eager calls of the public functions on plain tensors (``eager_applies``: no compiler, tracer, mode, subclass or
+functorch transform) take ``EagerAttention`` instead: an autograd.Function over the same op bodies, called as Python
+functions with the Triton kernels launched directly, which saves the dispatcher's and ``wrap_triton``'s host time.
+Everything that records or transforms the call sees the registered ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -35,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import blockwise
-from .common import dot_options, empty_lse, empty_output, is_interpreted
+from .common import direct_launches, dot_options, empty_lse, empty_output, is_interpreted
 from . import autotune
 from .arch import current_arch
 from .configs import INTERPRETER_CONFIG, Direction
@@ -45,7 +51,7 @@ from .flash_fwd import _flash_fwd_kernel, flash_forward
 from .masking import SPARSE_BLOCK, MaskSpec, window_extents
 
 __all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_interpreter", "mask_spec",
-           "GLUON_ENV", "gluon_applies"]
+           "GLUON_ENV", "gluon_applies", "EagerAttention", "eager_applies"]
 
 # FA_INDUCTOR_GLUON=0 keeps every call on the portable Triton kernels (A/B comparisons, debugging).
 GLUON_ENV = "FA_INDUCTOR_GLUON"
@@ -157,14 +163,16 @@ def _triton_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv
                    dot_options(query.dtype, interpreted=query.device.type == "cpu"))
 
 
-def _run_forward(query, key, value, scale, spec):
+def _run_forward(query, key, value, scale, spec, direct=False):
+    """(out, lse) on CUDA tensors.  ``direct``: call the Hopper op's function itself, not the registered op
+    (the eager path of ``EagerAttention``, which no tracer sees)."""
     batch, heads, n_queries, _ = query.shape
     has_output = batch * heads * n_queries * value.shape[-1] > 0
     decode = has_output and flash_decode.eligible(query, key, spec)
     if has_output and not decode and gluon_applies(query, key, value, scale, spec):
         # The Hopper op allocates its own outputs.
-        return torch.ops.fa_inductor.hopper_attention_forward(query, key, value, scale, spec.right,
-                                                              spec.bottom_right)
+        hopper = _hopper_forward_fn if direct else torch.ops.fa_inductor.hopper_attention_forward
+        return hopper(query, key, value, scale, spec.right, spec.bottom_right)
     out = empty_output(query, value)
     lse = empty_lse(query)
     if decode:
@@ -235,8 +243,7 @@ def _count(name: str) -> None:
     counters["fa_inductor"][name] += 1
 
 
-@torch.library.custom_op("fa_inductor::hopper_attention_forward", mutates_args=(), device_types="cuda")
-def _hopper_forward(query: Tensor, key: Tensor, value: Tensor, scale: float, right: int,
+def _hopper_forward_fn(query: Tensor, key: Tensor, value: Tensor, scale: float, right: int,
                     bottom_right: bool) -> tuple[Tensor, Tensor]:
     """(out, lse) for a call ``gluon_applies`` accepted.  Opaque to the compiler (Inductor calls it as
     an extern kernel), because Gluon kernels cannot go through ``wrap_triton``.  Runs the Gluon kernel when the
@@ -254,6 +261,10 @@ def _hopper_forward(query: Tensor, key: Tensor, value: Tensor, scale: float, rig
     return out, lse
 
 
+_hopper_forward = torch.library.custom_op("fa_inductor::hopper_attention_forward", _hopper_forward_fn,
+                                          mutates_args=(), device_types="cuda")
+
+
 @_hopper_forward.register_fake
 def _(query, key, value, scale, right, bottom_right):
     return empty_output(query, value), empty_lse(query)
@@ -263,8 +274,7 @@ def _shift(query: Tensor, key: Tensor, bottom_right: bool) -> int:
     return key.shape[2] - query.shape[2] if bottom_right else 0
 
 
-@torch.library.custom_op("fa_inductor::hopper_attention_backward", mutates_args=(), device_types="cuda")
-def _hopper_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                      grad_lse: Optional[Tensor], scale: float, right: int,
                      bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for a call ``gluon_applies`` accepted at a head dim in ``GLUON_BACKWARD_HEAD_DIMS``, opaque
@@ -295,12 +305,17 @@ def _hopper_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
     return dq, dk, dv
 
 
+_hopper_backward = torch.library.custom_op("fa_inductor::hopper_attention_backward", _hopper_backward_fn,
+                                           mutates_args=(), device_types="cuda")
+
+
 @_hopper_backward.register_fake
 def _(grad_out, query, key, value, out, lse, grad_lse, scale, right, bottom_right):
     return _empty_grads(query, key, value, None, False)[:3]
 
 
-def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, bias_requires_grad):
+def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, bias_requires_grad, direct=False):
+    """(dq, dk, dv, dbias) on CUDA tensors; ``direct`` as in ``_run_forward``."""
     bias = spec.bias if bias_requires_grad else None
     if query.numel() == 0 or key.numel() == 0:
         # No queries or no keys: every gradient is zero, as in the math formula.
@@ -309,8 +324,8 @@ def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, 
     # gluon_applies first: it turns symbolic head dims away before the membership test could guard on them.
     if (bias is None and grad_out.dtype == query.dtype and gluon_applies(query, key, value, scale, spec)
             and query.shape[-1] in GLUON_BACKWARD_HEAD_DIMS):
-        dq, dk, dv = torch.ops.fa_inductor.hopper_attention_backward(grad_out, query, key, value, out, lse, grad_lse,
-                                                                     scale, spec.right, spec.bottom_right)
+        hopper = _hopper_backward_fn if direct else torch.ops.fa_inductor.hopper_attention_backward
+        dq, dk, dv = hopper(grad_out, query, key, value, out, lse, grad_lse, scale, spec.right, spec.bottom_right)
         return dq, dk, dv, query.new_empty((0,))
     dq, dk, dv, dbias = _empty_grads(query, key, value, bias, bias is not None)
     dbias32 = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
@@ -322,8 +337,7 @@ def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, 
 
 # --- CPU: opaque custom ops ------------------------------------------------------------------------------
 
-@torch.library.custom_op("fa_inductor::attention_forward_cpu", mutates_args=(), device_types="cpu")
-def _forward_cpu(query: Tensor, key: Tensor, value: Tensor, scale: float, is_causal: bool, bottom_right: bool,
+def _forward_cpu_fn(query: Tensor, key: Tensor, value: Tensor, scale: float, is_causal: bool, bottom_right: bool,
                  attn_bias: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
                  seqlens_q: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None, softcap: float = 0.0,
                  dropout_p: float = 0.0, rng_state: Optional[Tensor] = None, block_mask: Optional[Tensor] = None,
@@ -336,6 +350,10 @@ def _forward_cpu(query: Tensor, key: Tensor, value: Tensor, scale: float, is_cau
     result = empty_output(query, value)
     result.copy_(out)
     return result, lse
+
+
+_forward_cpu = torch.library.custom_op("fa_inductor::attention_forward_cpu", _forward_cpu_fn, mutates_args=(),
+                                       device_types="cpu")
 
 
 @_forward_cpu.register_fake
@@ -378,18 +396,49 @@ def _(*args, **kwargs):
 
 # --- the public ops -------------------------------------------------------------------------------------
 
+def _attention_forward(direct: bool, query: Tensor, key: Tensor, value: Tensor, scale: float, is_causal: bool,
+                       bottom_right: bool, attn_bias: Optional[Tensor] = None, window_left: int = -1,
+                       window_right: int = -1, seqlens_q: Optional[Tensor] = None,
+                       seqlens_k: Optional[Tensor] = None, softcap: float = 0.0, dropout_p: float = 0.0,
+                       rng_state: Optional[Tensor] = None, block_mask: Optional[Tensor] = None,
+                       block_size: int = SPARSE_BLOCK) -> tuple[Tensor, Tensor]:
+    """The forward op's body; ``direct`` calls the opaque device ops as Python functions (``EagerAttention``)."""
+    if query.device.type == "cpu":
+        cpu = _forward_cpu_fn if direct else torch.ops.fa_inductor.attention_forward_cpu
+        return cpu(query, key, value, scale, is_causal, bottom_right, attn_bias, window_left, window_right,
+                   seqlens_q, seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
+    spec = mask_spec(query, key, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
+                     seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
+    return _run_forward(query, key, value, scale, spec, direct)
+
+
+def _attention_backward(direct: bool, grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+                        lse: Tensor, grad_lse: Optional[Tensor], scale: float, is_causal: bool, bottom_right: bool,
+                        attn_bias: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
+                        seqlens_q: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
+                        softcap: float = 0.0, dropout_p: float = 0.0, rng_state: Optional[Tensor] = None,
+                        block_mask: Optional[Tensor] = None, block_size: int = SPARSE_BLOCK,
+                        bias_requires_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward op's body: (dq, dk, dv, dbias), dbias in attn_bias's shape when ``bias_requires_grad``,
+    else empty; ``direct`` as in ``_attention_forward``."""
+    if query.device.type == "cpu":
+        cpu = _backward_cpu_fn if direct else torch.ops.fa_inductor.attention_backward_cpu
+        return cpu(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, bottom_right, attn_bias,
+                   window_left, window_right, seqlens_q, seqlens_k, softcap, dropout_p, rng_state, block_mask,
+                   block_size, bias_requires_grad)
+    spec = mask_spec(query, key, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
+                     seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
+    return _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, bias_requires_grad, direct)
+
+
 def _forward_impl(query: Tensor, key: Tensor, value: Tensor, scale: float, is_causal: bool, bottom_right: bool,
                   attn_bias: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
                   seqlens_q: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None, softcap: float = 0.0,
                   dropout_p: float = 0.0, rng_state: Optional[Tensor] = None, block_mask: Optional[Tensor] = None,
                   block_size: int = SPARSE_BLOCK) -> tuple[Tensor, Tensor]:
-    if query.device.type == "cpu":
-        return torch.ops.fa_inductor.attention_forward_cpu(
-            query, key, value, scale, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
-            seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
-    spec = mask_spec(query, key, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
-                     seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
-    return _run_forward(query, key, value, scale, spec)
+    return _attention_forward(False, query, key, value, scale, is_causal, bottom_right, attn_bias, window_left,
+                              window_right, seqlens_q, seqlens_k, softcap, dropout_p, rng_state, block_mask,
+                              block_size)
 
 
 def _backward_impl(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
@@ -399,15 +448,9 @@ def _backward_impl(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, 
                    dropout_p: float = 0.0, rng_state: Optional[Tensor] = None, block_mask: Optional[Tensor] = None,
                    block_size: int = SPARSE_BLOCK,
                    bias_requires_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dbias); dbias has attn_bias's shape when ``bias_requires_grad``, else it is empty."""
-    if query.device.type == "cpu":
-        return torch.ops.fa_inductor.attention_backward_cpu(
-            grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, bottom_right, attn_bias,
-            window_left, window_right, seqlens_q, seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size,
-            bias_requires_grad)
-    spec = mask_spec(query, key, is_causal, bottom_right, attn_bias, window_left, window_right, seqlens_q,
-                     seqlens_k, softcap, dropout_p, rng_state, block_mask, block_size)
-    return _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, bias_requires_grad)
+    return _attention_backward(False, grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
+                               bottom_right, attn_bias, window_left, window_right, seqlens_q, seqlens_k, softcap,
+                               dropout_p, rng_state, block_mask, block_size, bias_requires_grad)
 
 
 flash_attention_forward = torch.library.triton_op("fa_inductor::flash_attention_forward", _forward_impl,
@@ -433,17 +476,64 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, grad_lse, direct: bool):
     *saved, out, lse = ctx.saved_tensors
     saved = dict(zip(_SAVED, saved))
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dbias = torch.ops.fa_inductor.flash_attention_backward(
+    backward = (functools.partial(_attention_backward, True) if direct
+                else torch.ops.fa_inductor.flash_attention_backward)
+    dq, dk, dv, dbias = backward(
         grad_out, saved["query"], saved["key"], saved["value"], out, lse, grad_lse, **ctx.options,
         attn_bias=saved["attn_bias"], seqlens_q=saved["seqlens_q"], seqlens_k=saved["seqlens_k"],
         rng_state=saved["rng_state"], block_mask=saved["block_mask"], bias_requires_grad=ctx.bias_requires_grad)
     grads = {"query": dq, "key": dk, "value": dv, "attn_bias": dbias if ctx.bias_requires_grad else None}
     return tuple(grads.get(name) for name in _FORWARD_ARGS)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    return _gradients(ctx, grad_out, grad_lse, direct=False)
+
+
+class EagerAttention(torch.autograd.Function):
+    """``flash_attention_forward`` with its autograd formula for plain eager calls (``eager_applies``): the same
+    functions and kernels, called as Python functions rather than through the dispatcher, which costs each
+    registered op (and the custom-op autograd wrapper) tens to hundreds of microseconds of host time per call.
+    ``apply`` takes the forward op's arguments, all positional, and returns (out, lse)."""
+
+    @staticmethod
+    def forward(*inputs):
+        with _profiled("fa_inductor::flash_attention_forward"), direct_launches():
+            return _attention_forward(True, *inputs)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        with _profiled("fa_inductor::flash_attention_backward"), direct_launches():
+            return _gradients(ctx, grad_out, grad_lse, direct=True)
+
+
+def _profiled(name: str):
+    """A profiler range named as the op would be, while a profiler runs (traces look the same either way)."""
+    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
+
+
+def eager_applies(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call on ``tensors`` may use ``EagerAttention`` instead of the registered op: plain tensors (no
+    subclass: fake, functional, distributed ...), and nothing that records or transforms the call (a compiler,
+    a dispatch or function mode such as make_fx's, a functorch transform).  Anything else takes the op."""
+    if torch.compiler.is_compiling():
+        return False
+    dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+    functorch = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    if dispatch_modes is None or function_modes is None or functorch is None:
+        return False
+    if dispatch_modes() or function_modes() or functorch() is not None:
+        return False
+    return all(t is None or type(t) is Tensor for t in tensors)
 
 
 flash_attention_forward.register_autograd(_backward, setup_context=_setup_context)

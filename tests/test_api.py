@@ -311,7 +311,8 @@ def test_eager_path_only_for_plain_eager_calls():
         assert not eager_applies(q)
     seen = []
     torch.func.vmap(lambda x: seen.append(eager_applies(x)) or x)(q)
-    assert seen == [False]
+    torch.jit.trace(lambda x: seen.append(eager_applies(x)) or x * 2, (q,), check_trace=False)
+    assert seen == [False, False]
     graph = make_fx(lambda a: fa_inductor.scaled_dot_product_attention(a, a, a))(q)
     targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
     assert any("fa_inductor.flash_attention_forward" in t for t in targets), targets

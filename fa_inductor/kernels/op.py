@@ -523,8 +523,9 @@ def _profiled(name: str):
 def eager_applies(*tensors: Optional[Tensor]) -> bool:
     """Whether a call on ``tensors`` may use ``EagerAttention`` instead of the registered op: plain tensors (no
     subclass: fake, functional, distributed ...), and nothing that records or transforms the call (a compiler,
-    a dispatch or function mode such as make_fx's, a functorch transform).  Anything else takes the op."""
-    if torch.compiler.is_compiling():
+    the TorchScript tracer, a dispatch or function mode such as make_fx's, a functorch transform).  Anything else
+    takes the op."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
     function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)

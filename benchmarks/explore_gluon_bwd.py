@@ -4,9 +4,9 @@ the Triton kernels, against SDPA-cuDNN.
     python benchmarks/explore_gluon_bwd.py [--dq-blocks 64 128] [--stages 2 3]
 
 For each ``bench_attention.py`` shape (16k tokens, model dim 2048) it times the whole backward (preprocess, dK/dV,
-dQ) for: Triton dK/dV + Triton dQ (the portable path), Gluon dK/dV + Triton dQ, and Gluon dK/dV + Gluon dQ with
-each dQ key block and ring depth given; each variant's gradients are compared with the Triton path's first.  All
-variants of a shape are timed in interleaved rounds (medians).
+dQ) for: Triton dK/dV + Triton dQ (the portable path), Gluon dK/dV + Triton dQ, and Gluon dK/dV + Gluon dQ and
+Triton dK/dV + Gluon dQ with each dQ key block and ring depth given; each variant's gradients are compared with
+the Triton path's first.  All variants of a shape are timed in interleaved rounds (medians).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def variants(q, k, v, do, out, lse, scale, causal, args):
     for stages in args.stages:
         for block in args.dq_blocks:
             result[f"gluon kv s{stages} + q{block} s{stages}"] = make(kv(stages), qp(block, stages))
+            result[f"triton kv + gluon q{block} s{stages}"] = make(None, qp(block, stages))
     return result, grads
 
 

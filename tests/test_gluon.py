@@ -108,22 +108,25 @@ BACKWARD_SHAPES = [
 @on_hopper
 def test_gpu_gluon_backward_matches_reference(shape, head_d, dtype):
     """Forward and backward against fp64 (``run_case``: out, LSE, dq, dk, dv within budget).  The forward runs
-    the Gluon kernel; the backward's dK/dV and dQ passes too at the head dims listed for it, else Triton."""
+    the Gluon kernel; the backward runs Gluon passes at the head dims listed for it (both passes, or with a causal
+    mask the dQ pass after the Triton dK/dV pass), else Triton."""
     assert shape[5] in CAUSAL
     before = (_counters()["gluon_forward"], _counters()["gluon_backward"])
     run_case(*shape[:5], head_d, head_d, dtype, "cuda", shape[5], shape[6])
-    gluon_backward = head_d in op_module.GLUON_BACKWARD_HEAD_DIMS
+    gluon_backward = head_d in op_module.GLUON_BACKWARD_HEAD_DIMS or (
+        head_d in op_module.GLUON_DQ_CAUSAL_HEAD_DIMS and shape[5] != "none")
     assert (_counters()["gluon_forward"], _counters()["gluon_backward"]) == (before[0] + 1,
                                                                              before[1] + gluon_backward)
 
 
+@pytest.mark.parametrize("block_keys", [64, 128])
 @pytest.mark.parametrize("head_d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.gpu
 @on_hopper
-def test_gpu_gluon_backward_kernels_at_every_head_dim(head_d, causal):
-    """The Gluon dK/dV and dQ kernels called directly, including head dims the op keeps on Triton: gradients
-    within budget of fp64 on a GQA shape with tails."""
+def test_gpu_gluon_backward_kernels_at_every_head_dim(head_d, causal, block_keys):
+    """The Gluon dK/dV and dQ kernels called directly, including head dims and dQ key blocks the op does not
+    route to: gradients within budget of fp64 on a GQA shape with tails."""
     from fa_inductor.kernels.configs import INTERPRETER_CONFIG
     from fa_inductor.kernels.flash_bwd import flash_backward
     from fa_inductor.kernels.gluon_bwd import gluon_backward_kv, gluon_backward_q
@@ -141,7 +144,7 @@ def test_gpu_gluon_backward_kernels_at_every_head_dim(head_d, causal):
         gluon_backward_kv(q, k, v, grad, lse_units, delta, grads[1], grads[2], scale, right, shift)
 
     def q_pass(lse_units, delta):
-        gluon_backward_q(q, k, v, grad, lse_units, delta, grads[0], scale, right, shift)
+        gluon_backward_q(q, k, v, grad, lse_units, delta, grads[0], scale, right, shift, block_keys=block_keys)
 
     spec = MaskSpec(right=right, bottom_right=causal)
     flash_backward(grad, q, k, v, out, lse, None, *grads, None, scale, spec, INTERPRETER_CONFIG, INTERPRETER_CONFIG,
@@ -243,11 +246,13 @@ def test_gpu_unsupported_calls_skip_gluon(case, monkeypatch):
     assert_within_budget("out", out, theirs, ref, depth=256)
 
 
+@pytest.mark.parametrize("head_d", [64, 128])
 @pytest.mark.gpu
 @on_hopper
-def test_gpu_opcheck_hopper_ops():
-    """Schema, fake (meta) implementation and real outputs of the two opaque Hopper ops agree."""
-    q, k, v = make_qkv(1, 4, 2, 200, 300, 128, 128, torch.bfloat16, "cuda", "blhd")
+def test_gpu_opcheck_hopper_ops(head_d):
+    """Schema, fake (meta) implementation and real outputs of the two opaque Hopper ops agree (causal: at head
+    dim 64 the backward op runs the Triton dK/dV pass and the Gluon dQ pass)."""
+    q, k, v = make_qkv(1, 4, 2, 200, 300, head_d, head_d, torch.bfloat16, "cuda", "blhd")
     torch.library.opcheck(torch.ops.fa_inductor.hopper_attention_forward.default, (q, k, v, 0.125, 0, True))
     out, lse = torch.ops.fa_inductor.hopper_attention_forward(q, k, v, 0.125, 0, True)
     args = (torch.randn_like(out), q, k, v, out, lse, None, 0.125, 0, True)

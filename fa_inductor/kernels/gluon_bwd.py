@@ -19,7 +19,9 @@ together and accumulates dQ += dS K.
 
 Query rows past M arrive zero-filled (TMA) and carry LSE = +inf, so they add exactly nothing; key tails and the
 blocks that cross the causal diagonal are the only ones that pay for mask arithmetic.  ``op.py``'s Hopper
-backward calls both after checking what they support (``op.gluon_applies``, ``op.GLUON_BACKWARD_HEAD_DIMS``).
+backward calls them after checking what they support (``op.gluon_backward_applies``): both passes at
+``op.GLUON_BACKWARD_HEAD_DIMS``, the dQ pass alone (after the Triton dK/dV pass) for causal calls at
+``op.GLUON_DQ_CAUSAL_HEAD_DIMS``.
 """
 
 from __future__ import annotations

@@ -51,13 +51,17 @@ from .flash_fwd import _flash_fwd_kernel, flash_forward
 from .masking import SPARSE_BLOCK, MaskSpec, window_extents
 
 __all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_interpreter", "mask_spec",
-           "GLUON_ENV", "gluon_applies", "EagerAttention", "eager_applies"]
+           "GLUON_ENV", "gluon_applies", "gluon_backward_applies", "EagerAttention", "eager_applies"]
 
 # FA_INDUCTOR_GLUON=0 keeps every call on the portable Triton kernels (A/B comparisons, debugging).
 GLUON_ENV = "FA_INDUCTOR_GLUON"
 # Head dims whose backward runs the Gluon dK/dV and dQ passes.  At head dim 64 they measured no faster than the
-# Triton passes on the H100 (benchmarks/reference/README.md, "The Gluon backward"), so it stays on Triton.
+# Triton passes on the H100 (benchmarks/reference/README.md, "The Gluon backward"), so it stays on Triton ...
 GLUON_BACKWARD_HEAD_DIMS = (128,)
+# ... except that with a causal mask the Triton dK/dV pass followed by the Gluon dQ pass (128-key blocks) measured
+# 3-4 % faster than both Triton passes (README.md there, "Issue 7, third pass"); without one it was slower.
+GLUON_DQ_CAUSAL_HEAD_DIMS = (64,)
+GLUON_DQ_CAUSAL_BLOCK_KEYS = 128
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -213,7 +217,7 @@ def _gluon_usable(*tensors: Tensor) -> bool:
 
 def gluon_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
     """Whether the call goes to the Gluon warp-specialised kernels (``gluon_fwd.py`` for the forward,
-    ``gluon_bwd.py`` for the backward's dK/dV and dQ passes at ``GLUON_BACKWARD_HEAD_DIMS``): an sm90 GPU, a
+    ``gluon_bwd.py`` for the backward's passes where ``gluon_backward_applies`` also holds): an sm90 GPU, a
     Triton with Gluon, 16-bit operands with one head dim in ``gluon_fwd.HEAD_DIMS``, and no feature beyond a
     causal / right-window mask.  Decided from dtypes, static head dims and options only (no guard on lengths or
     strides); what depends on the data (alignment, strides, empty key sets) is checked again when the op runs,
@@ -237,6 +241,16 @@ def gluon_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec:
     return module is not None and head_d in module.HEAD_DIMS
 
 
+def gluon_backward_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
+    """Whether the backward goes to the Hopper op, i.e. runs Gluon passes: ``gluon_applies``, and a head dim in
+    ``GLUON_BACKWARD_HEAD_DIMS``, or in ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal mask."""
+    # gluon_applies first: it turns symbolic head dims away before the membership tests could guard on them.
+    if not gluon_applies(query, key, value, scale, spec):
+        return False
+    head_d = query.shape[-1]
+    return head_d in GLUON_BACKWARD_HEAD_DIMS or (head_d in GLUON_DQ_CAUSAL_HEAD_DIMS and spec.right == 0)
+
+
 def _count(name: str) -> None:
     from torch._dynamo.utils import counters
 
@@ -256,7 +270,9 @@ def _hopper_forward_fn(query: Tensor, key: Tensor, value: Tensor, scale: float, 
                                               _shift(query, key, bottom_right))
         _count("gluon_forward")
     else:
-        _triton_forward(query, key, value, out, lse, scale, MaskSpec(right=right, bottom_right=bottom_right))
+        # The body of an opaque op only ever sees real tensors: nothing to trace.
+        with direct_launches():
+            _triton_forward(query, key, value, out, lse, scale, MaskSpec(right=right, bottom_right=bottom_right))
         _count("gluon_forward_fallback")
     return out, lse
 
@@ -277,31 +293,38 @@ def _shift(query: Tensor, key: Tensor, bottom_right: bool) -> int:
 def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                      grad_lse: Optional[Tensor], scale: float, right: int,
                      bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for a call ``gluon_applies`` accepted at a head dim in ``GLUON_BACKWARD_HEAD_DIMS``, opaque
-    for the same reason as the forward.  The dK/dV and dQ passes run the Gluon kernels when ``_gluon_usable``
-    (the preprocess stays the Triton kernel), else the whole Triton backward runs; counters["fa_inductor"]
-    records which ("gluon_backward" / "gluon_backward_fallback")."""
+    """(dq, dk, dv) for a call ``gluon_backward_applies`` accepted, opaque for the same reason as the forward.
+    When ``_gluon_usable``, the dK/dV and dQ passes run the Gluon kernels at ``GLUON_BACKWARD_HEAD_DIMS``, and
+    at ``GLUON_DQ_CAUSAL_HEAD_DIMS`` the dK/dV pass stays the Triton kernel (the preprocess always is); else the
+    whole Triton backward runs.  counters["fa_inductor"] records which ("gluon_backward" /
+    "gluon_backward_fallback")."""
     spec = MaskSpec(right=right, bottom_right=bottom_right)
     dq, dk, dv, _ = _empty_grads(query, key, value, None, False)
-    if _gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1:
-        from .gluon_bwd import gluon_backward_kv, gluon_backward_q
+    # The body of an opaque op only ever sees real tensors: Triton kernels launch directly.
+    with direct_launches():
+        if _gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1:
+            from .gluon_bwd import gluon_backward_kv, gluon_backward_q
 
-        shift = _shift(query, key, bottom_right)
+            shift = _shift(query, key, bottom_right)
+            both = query.shape[-1] in GLUON_BACKWARD_HEAD_DIMS
 
-        def kv_pass(lse_units, delta):
-            gluon_backward_kv(query, key, value, grad_out, lse_units, delta, dk, dv, scale, right, shift)
+            def kv_pass(lse_units, delta):
+                gluon_backward_kv(query, key, value, grad_out, lse_units, delta, dk, dv, scale, right, shift)
 
-        def q_pass(lse_units, delta):
-            gluon_backward_q(query, key, value, grad_out, lse_units, delta, dq, scale, right, shift)
+            def q_pass(lse_units, delta):
+                gluon_backward_q(query, key, value, grad_out, lse_units, delta, dq, scale, right, shift,
+                                 **({} if both else {"block_keys": GLUON_DQ_CAUSAL_BLOCK_KEYS}))
 
-        # Both passes replaced: the Triton configs are not read (any will do).
-        flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec,
-                       INTERPRETER_CONFIG, INTERPRETER_CONFIG, dot_options(query.dtype, interpreted=False),
-                       kv_pass=kv_pass, q_pass=q_pass)
-        _count("gluon_backward")
-    else:
-        _triton_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec)
-        _count("gluon_backward_fallback")
+            # With both passes replaced the Triton configs are not read (any will do).
+            cfg_kv, cfg_q = ((INTERPRETER_CONFIG, INTERPRETER_CONFIG) if both else
+                             _configs(query, value, spec, Direction.BACKWARD_KV, Direction.BACKWARD_Q))
+            flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec, cfg_kv,
+                           cfg_q, dot_options(query.dtype, interpreted=False), kv_pass=kv_pass if both else None,
+                           q_pass=q_pass)
+            _count("gluon_backward")
+        else:
+            _triton_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec)
+            _count("gluon_backward_fallback")
     return dq, dk, dv
 
 
@@ -321,9 +344,7 @@ def _run_backward(grad_out, query, key, value, out, lse, grad_lse, scale, spec, 
         # No queries or no keys: every gradient is zero, as in the math formula.
         zeros = tuple(torch.zeros_like(t) for t in (query, key, value))
         return zeros + (torch.zeros_like(bias) if bias is not None else query.new_empty((0,)),)
-    # gluon_applies first: it turns symbolic head dims away before the membership test could guard on them.
-    if (bias is None and grad_out.dtype == query.dtype and gluon_applies(query, key, value, scale, spec)
-            and query.shape[-1] in GLUON_BACKWARD_HEAD_DIMS):
+    if bias is None and grad_out.dtype == query.dtype and gluon_backward_applies(query, key, value, scale, spec):
         hopper = _hopper_backward_fn if direct else torch.ops.fa_inductor.hopper_attention_backward
         dq, dk, dv = hopper(grad_out, query, key, value, out, lse, grad_lse, scale, spec.right, spec.bottom_right)
         return dq, dk, dv, query.new_empty((0,))

@@ -75,8 +75,11 @@ def layers(rounds: int) -> None:
     def noop(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape)
 
-    eager_out = op.EagerAttention.apply(qg, kg, vg, scale, True, False, None, -1, -1, None, None, 0.0, 0.0, None,
-                                        None, 128)[0]
+    def eager(*qkv):
+        """``EagerAttention`` on (q, k, v), causal: the forward op's 16 arguments."""
+        return op.EagerAttention.apply(*qkv, scale, True, False, None, -1, -1, None, None, 0.0, 0.0, None, None, 128)
+
+    eager_out = eager(qg, kg, vg)[0]
     cases = {
         "torch.empty_like (reference)": lambda: torch.empty_like(q),
         "a no-op torch.library.custom_op": lambda: noop(q),
@@ -102,11 +105,8 @@ def layers(rounds: int) -> None:
             g, q, k, v, fwd_out, fwd_lse, None, scale, True, False),
         "registered op with its autograd formula, forward + backward": lambda: torch.autograd.grad(
             torch.ops.fa_inductor.flash_attention_forward(qg, kg, vg, scale, True, False)[0], (qg, kg, vg), g),
-        "EagerAttention, forward + backward": lambda: torch.autograd.grad(
-            op.EagerAttention.apply(qg, kg, vg, scale, True, False, None, -1, -1, None, None, 0.0, 0.0, None, None,
-                                    128)[0], (qg, kg, vg), g),
-        "EagerAttention, forward (no grad)": lambda: op.EagerAttention.apply(
-            q, k, v, scale, True, False, None, -1, -1, None, None, 0.0, 0.0, None, None, 128),
+        "EagerAttention, forward + backward": lambda: torch.autograd.grad(eager(qg, kg, vg)[0], (qg, kg, vg), g),
+        "EagerAttention, forward (no grad)": lambda: eager(q, k, v),
         "EagerAttention, backward (graph kept)": lambda: torch.autograd.grad(
             eager_out, (qg, kg, vg), g, retain_graph=True),
         "scaled_dot_product_attention, forward + backward": lambda: torch.autograd.grad(

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "LOG2E_JIT", "launch", "direct_launches", "divides", "is_interpreted", "dot_options", "mma", "round_to",
-           "empty_output", "empty_lse"]
+__all__ = ["LOG2E", "LOG2E_JIT", "launch", "direct_launches", "divides", "is_interpreted", "dot_options", "mma",
+           "round_to", "empty_output", "empty_lse"]
 
 LOG2E = math.log2(math.e)
 # The same constant for use inside @triton.jit functions (Triton reads only constexpr globals).

@@ -307,19 +307,22 @@ def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Ten
 
             shift = _shift(query, key, bottom_right)
             both = query.shape[-1] in GLUON_BACKWARD_HEAD_DIMS
+            dq_options = {} if both else {"block_keys": GLUON_DQ_CAUSAL_BLOCK_KEYS}
 
-            def kv_pass(lse_units, delta):
+            def gluon_kv_pass(lse_units, delta):
                 gluon_backward_kv(query, key, value, grad_out, lse_units, delta, dk, dv, scale, right, shift)
 
             def q_pass(lse_units, delta):
                 gluon_backward_q(query, key, value, grad_out, lse_units, delta, dq, scale, right, shift,
-                                 **({} if both else {"block_keys": GLUON_DQ_CAUSAL_BLOCK_KEYS}))
+                                 **dq_options)
 
-            # With both passes replaced the Triton configs are not read (any will do).
-            cfg_kv, cfg_q = ((INTERPRETER_CONFIG, INTERPRETER_CONFIG) if both else
-                             _configs(query, value, spec, Direction.BACKWARD_KV, Direction.BACKWARD_Q))
+            # A replaced pass does not read its Triton config (any will do); the dQ pass always is replaced.
+            if both:
+                kv_pass, cfg_kv = gluon_kv_pass, INTERPRETER_CONFIG
+            else:
+                kv_pass, (cfg_kv,) = None, _configs(query, value, spec, Direction.BACKWARD_KV)
             flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec, cfg_kv,
-                           cfg_q, dot_options(query.dtype, interpreted=False), kv_pass=kv_pass if both else None,
+                           INTERPRETER_CONFIG, dot_options(query.dtype, interpreted=False), kv_pass=kv_pass,
                            q_pass=q_pass)
             _count("gluon_backward")
         else:

@@ -86,7 +86,9 @@ def main():
                         print(f"  {name}: skipped ({exc})", flush=True)
                         del impls[name]
                         continue
-                    errors[name] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, reference))
+                    # torch's max keeps a NaN (Python's max() of floats could drop it).
+                    errors[name] = torch.stack([(g.float() - r.float()).abs().max()
+                                                for g, r in zip(grads, reference)]).max().item()
 
                 def cudnn():
                     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):

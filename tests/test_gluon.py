@@ -63,7 +63,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("head_d", [64, 128])
+@pytest.mark.parametrize("head_d", [64, 128, 256])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}-{s[6]}-{s[7]}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.gpu
@@ -101,32 +101,34 @@ BACKWARD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("head_d", [64, 128])
+@pytest.mark.parametrize("head_d", [64, 128, 256])
 @pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}-{s[6]}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.gpu
 @on_hopper
 def test_gpu_gluon_backward_matches_reference(shape, head_d, dtype):
     """Forward and backward against fp64 (``run_case``: out, LSE, dq, dk, dv within budget).  The forward runs
-    the Gluon kernel; the backward runs Gluon passes at the head dims listed for it (both passes, or with a causal
-    mask the dQ pass after the Triton dK/dV pass), else Triton."""
+    the Gluon kernel at its head dims (64, 128), else Triton; the backward runs Gluon passes at the head dims
+    listed for it (both passes, or with a causal mask the dQ pass after the Triton dK/dV pass), else Triton.
+    Head dim 256 takes the dK/dV kernel that splits its warp groups by role."""
     assert shape[5] in CAUSAL
     before = (_counters()["gluon_forward"], _counters()["gluon_backward"])
     run_case(*shape[:5], head_d, head_d, dtype, "cuda", shape[5], shape[6])
+    gluon_forward = head_d in gluon_fwd.HEAD_DIMS
     gluon_backward = head_d in op_module.GLUON_BACKWARD_HEAD_DIMS or (
         head_d in op_module.GLUON_DQ_CAUSAL_HEAD_DIMS and shape[5] != "none")
-    assert (_counters()["gluon_forward"], _counters()["gluon_backward"]) == (before[0] + 1,
+    assert (_counters()["gluon_forward"], _counters()["gluon_backward"]) == (before[0] + gluon_forward,
                                                                              before[1] + gluon_backward)
 
 
-@pytest.mark.parametrize("block_keys", [64, 128])
-@pytest.mark.parametrize("head_d", [64, 128])
+@pytest.mark.parametrize("head_d,block_keys", [(64, 64), (64, 128), (128, 64), (128, 128), (256, 32)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.gpu
 @on_hopper
 def test_gpu_gluon_backward_kernels_at_every_head_dim(head_d, causal, block_keys):
     """The Gluon dK/dV and dQ kernels called directly, including head dims and dQ key blocks the op does not
-    route to: gradients within budget of fp64 on a GQA shape with tails."""
+    route to (at head dim 256 only 32-key dQ blocks fit): gradients within budget of fp64 on a GQA shape with
+    tails."""
     from fa_inductor.kernels.configs import INTERPRETER_CONFIG
     from fa_inductor.kernels.flash_bwd import flash_backward
     from fa_inductor.kernels.gluon_bwd import gluon_backward_kv, gluon_backward_q
@@ -246,7 +248,7 @@ def test_gpu_unsupported_calls_skip_gluon(case, monkeypatch):
     assert_within_budget("out", out, theirs, ref, depth=256)
 
 
-@pytest.mark.parametrize("head_d", [64, 128])
+@pytest.mark.parametrize("head_d", [64, 128, 256])
 @pytest.mark.gpu
 @on_hopper
 def test_gpu_opcheck_hopper_ops(head_d):

@@ -13,6 +13,13 @@ dK/dV (``gluon_backward_kv``), one program per 128 keys of one (batch, key head)
   S^T = K Q^T and dP^T = V dO^T are issued together as asynchronous MMAs, P^T is computed while dP^T is still
   on the tensor cores, then dV += P^T dO and dK += dS^T Q.
 
+At head dim 256 (``ROLE_SPLIT_HEAD_DIMS``) a warp group cannot hold both [64, 256] fp32 accumulators, so the
+dK/dV pass runs ``_gluon_bwd_kv_roles_kernel`` instead: one program per 64 keys, whose two consumers split the
+work by role.  One computes S^T and P^T, hands P^T over through a small shared-memory ring (fp32, two slots with
+"full" / "empty" mbarriers) and accumulates dV += P^T dO; the other computes dP^T = V dO^T, takes P^T, and
+accumulates dK += dS^T Q.  Each role does two of the four products, and the MMAs of one overlap the other's
+exponentials.
+
 dQ (``gluon_backward_q``), one program per 128 query rows of one (batch, head): the producer loads Q and dO once
 and streams K and V in blocks of ``block_keys``; each consumer (64 rows) issues S = Q K^T and dP = dO V^T
 together and accumulates dQ += dS K.
@@ -45,12 +52,12 @@ TILE_M = gl.constexpr(QUERY_BLOCK)
 
 
 @gluon.jit
-def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr):
-    """Shared memory of both backward passes: two tiles each of the operands a program keeps (one per consumer,
-    signalled by one mbarrier), and a ring of ``STAGES`` tiles each of the operands it streams, with "ready"
-    (TMA bytes landed) and "empty" (both consumers released it) mbarriers per stage."""
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2] + a_desc.block_type.shape, a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [2] + b_desc.block_type.shape, b_desc.layout)
+def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr, RESIDENT: gl.constexpr = 2):
+    """Shared memory of the backward passes: ``RESIDENT`` tiles each of the operands a program keeps (one per
+    consumer that owns rows, signalled by one mbarrier), and a ring of ``STAGES`` tiles each of the operands it
+    streams, with "ready" (TMA bytes landed) and "empty" (both consumers released it) mbarriers per stage."""
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [RESIDENT] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [RESIDENT] + b_desc.block_type.shape, b_desc.layout)
     ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, [STAGES] + ring_a_desc.block_type.shape,
                                        ring_a_desc.layout)
     ring_b = gl.allocate_shared_memory(ring_b_desc.dtype, [STAGES] + ring_b_desc.block_type.shape,
@@ -132,6 +139,14 @@ def _kv_producer(q_desc, k_desc, v_desc, do_desc, k_bufs, v_bufs, q_ring, do_rin
     _tma_load(k_desc, [off_b, off_hk, start_n + WG_N, 0], kv_bar, k_bufs.index(1))
     _tma_load(v_desc, [off_b, off_hk, start_n, 0], kv_bar, v_bufs.index(0))
     _tma_load(v_desc, [off_b, off_hk, start_n + WG_N, 0], kv_bar, v_bufs.index(1))
+    _stream_queries(q_desc, do_desc, q_ring, do_ring, ready, empty, off_b, off_hk, group, q_lo, per_head, STAGES)
+
+
+@gluon.jit
+def _stream_queries(q_desc, do_desc, q_ring, do_ring, ready, empty, off_b, off_hk, group, q_lo, per_head,
+                    STAGES: gl.constexpr):
+    """The dK/dV producer's loop: the (Q, dO) tiles of every query head of the group and every query block from
+    q_lo, through the ring."""
     for it in range(group * per_head):
         off_h = off_hk * group + it // per_head
         row0 = q_lo + (it % per_head) * TILE_M
@@ -176,6 +191,167 @@ def _gluon_bwd_kv_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DK, D
                         per_head, HEAD_D, STAGES, HAS_RIGHT, 1)),
         (_kv_producer, (q_desc, k_desc, v_desc, do_desc, k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty,
                         off_b, off_hk, start_n, group, q_lo, per_head, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# Head dims whose dK/dV pass splits the work by role (``_gluon_bwd_kv_roles_kernel``): a [64, D] fp32
+# accumulator per warp group is all the registers one can hold there, so each consumer keeps one of dK / dV.
+ROLE_SPLIT_HEAD_DIMS = (256,)
+P_STAGES = gl.constexpr(2)  # P^T tiles in flight between the two role partitions
+
+
+@gluon.jit
+def _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols):
+    """Query head, first row and the [B, H, M] offsets of the rows of iteration ``it`` of a dK/dV program."""
+    off_h = off_hk * group + it // per_head
+    row0 = q_lo + (it % per_head) * TILE_M
+    rows = row0 + cols
+    stats = (off_b * n_heads + off_h).to(gl.int64) * n_queries + rows
+    return row0, rows, stats
+
+
+@gluon.jit
+def _store_rows(Ptr, value, off_b, off_h, key0, stride_b, stride_h, stride_n, n_keys, layout: gl.constexpr,
+                ROWS: gl.constexpr, HEAD_D: gl.constexpr):
+    """Store a [ROWS, HEAD_D] accumulator tile (layout ``layout``) at rows key0.. of head (off_b, off_h)."""
+    keys = key0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    dims = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
+    ptrs = (Ptr + off_b.to(gl.int64) * stride_b + off_h.to(gl.int64) * stride_h
+            + gl.expand_dims(keys.to(gl.int64) * stride_n, 1) + gl.expand_dims(dims, 0))
+    gl.store(ptrs, value.to(Ptr.dtype.element_ty), mask=gl.expand_dims(keys < n_keys, 1))
+
+
+@gluon.jit
+def _kv_p_role(k_bufs, q_ring, do_ring, p_bufs, kv_bar, ready, empty, p_full, p_empty, LseUnits, DV, off_b,
+               off_hk, key0, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift, right,
+               qk_scale, q_lo, full_lo, per_head, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
+    """The first role of ``_gluon_bwd_kv_roles_kernel``: S^T = K Q^T, P^T (handed to the other role through
+    shared memory in fp32), dV += P^T dO."""
+    s_layout: gl.constexpr = _mma_layout(TILE_M)
+    acc_layout: gl.constexpr = _mma_layout(HEAD_D)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    dtype: gl.constexpr = k_bufs.dtype
+
+    keys = key0 + gl.arange(0, WG_N, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, TILE_M, layout=gl.SliceLayout(0, s_layout))
+    k = k_bufs.index(0).reshape([WG_N, HEAD_D])
+    s_init = gl.zeros([WG_N, TILE_M], gl.float32, layout=s_layout)
+    dv = gl.zeros([WG_N, HEAD_D], gl.float32, layout=acc_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    for it in range(group * per_head):
+        row0, rows, stats = _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols)
+        # Rows past M: LSE = +inf makes P = 0 there.
+        lse = gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf"))
+        stage = it % STAGES
+        mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
+        q = q_ring.index(stage).reshape([TILE_M, HEAD_D])
+        do = do_ring.index(stage).reshape([TILE_M, HEAD_D])
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(0, deps=[st_tok])
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+        if row0 < full_lo:
+            keep = gl.expand_dims(keys, 1) <= gl.expand_dims(rows, 0) + (shift + right)
+            pt = gl.where(keep, pt, 0.0)
+        slot = it % P_STAGES
+        # Fresh mbarriers count as having completed the phase before 0: the first lap does not wait.
+        mbarrier.wait(p_empty.index(slot), ((it // P_STAGES) & 1) ^ 1)
+        p_bufs.index(slot).store(pt)
+        mbarrier.arrive(p_full.index(slot), count=1)
+        pt16 = gl.convert_layout(pt.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(pt16, do, dv, is_async=True)
+        dv, pt16 = warpgroup_mma_wait(0, deps=[dv_tok, pt16])
+        mbarrier.arrive(empty.index(stage), count=1)
+
+    _store_rows(DV, dv, off_b, off_hk, key0, stride_dvb, stride_dvh, stride_dvn, n_keys, acc_layout, WG_N, HEAD_D)
+
+
+@gluon.jit
+def _kv_ds_role(v_bufs, q_ring, do_ring, p_bufs, kv_bar, ready, empty, p_full, p_empty, Delta, DK, off_b, off_hk,
+                key0, stride_dkb, stride_dkh, stride_dkn, n_heads, group, n_queries, n_keys, scale, q_lo,
+                per_head, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
+    """The second role: dP^T = V dO^T, dS^T = P^T * (dP^T - Delta) with the other role's P^T, dK += dS^T Q."""
+    s_layout: gl.constexpr = _mma_layout(TILE_M)
+    acc_layout: gl.constexpr = _mma_layout(HEAD_D)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    dtype: gl.constexpr = v_bufs.dtype
+
+    cols = gl.arange(0, TILE_M, layout=gl.SliceLayout(0, s_layout))
+    v = v_bufs.index(0).reshape([WG_N, HEAD_D])
+    s_init = gl.zeros([WG_N, TILE_M], gl.float32, layout=s_layout)
+    dk = gl.zeros([WG_N, HEAD_D], gl.float32, layout=acc_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    for it in range(group * per_head):
+        row0, rows, stats = _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols)
+        delta = gl.load(Delta + stats, mask=rows < n_queries, other=0.0)
+        stage = it % STAGES
+        mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
+        q = q_ring.index(stage).reshape([TILE_M, HEAD_D])
+        do = do_ring.index(stage).reshape([TILE_M, HEAD_D])
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        dpt = warpgroup_mma_wait(0, deps=[dpt_tok])
+        slot = it % P_STAGES
+        mbarrier.wait(p_full.index(slot), (it // P_STAGES) & 1)
+        pt = p_bufs.index(slot).load(s_layout)
+        mbarrier.arrive(p_empty.index(slot), count=1)
+        dst16 = gl.convert_layout((pt * (dpt - gl.expand_dims(delta, 0))).to(dtype), a_layout)
+        dk_tok = warpgroup_mma(dst16, q, dk, is_async=True)
+        dk, dst16 = warpgroup_mma_wait(0, deps=[dk_tok, dst16])
+        mbarrier.arrive(empty.index(stage), count=1)
+
+    _store_rows(DK, dk * scale, off_b, off_hk, key0, stride_dkb, stride_dkh, stride_dkn, n_keys, acc_layout, WG_N,
+                HEAD_D)
+
+
+@gluon.jit
+def _kv_roles_producer(q_desc, k_desc, v_desc, do_desc, k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty,
+                       off_b, off_hk, start_n, group, q_lo, per_head, STAGES: gl.constexpr):
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    _tma_load(k_desc, [off_b, off_hk, start_n, 0], kv_bar, k_bufs.index(0))
+    _tma_load(v_desc, [off_b, off_hk, start_n, 0], kv_bar, v_bufs.index(0))
+    _stream_queries(q_desc, do_desc, q_ring, do_ring, ready, empty, off_b, off_hk, group, q_lo, per_head, STAGES)
+
+
+@gluon.jit
+def _gluon_bwd_kv_roles_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DK, DV, stride_dkb, stride_dkh,
+                               stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, kv_heads, group,
+                               n_queries, n_keys, n_n_blocks, shift, right, qk_scale, scale,
+                               HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    """dK/dV for large head dims, one program per 64 keys of one (batch, key head): the two consumer warp groups
+    share the keys and split the work by role (``_kv_p_role``, ``_kv_ds_role``) instead of by keys."""
+    pid = gl.program_id(0)
+    bhk = pid // n_n_blocks
+    start_n = (pid % n_n_blocks) * WG_N
+    off_b = bhk // kv_heads
+    off_hk = bhk % kv_heads
+
+    q_lo = start_n * 0
+    full_lo = start_n * 0
+    if HAS_RIGHT:
+        q_lo = gl.maximum(start_n - shift - right, 0) // TILE_M * TILE_M
+        full_lo = gl.maximum(start_n + WG_N - 1 - shift - right, 0)
+    per_head = gl.maximum(gl.cdiv(n_queries - q_lo, TILE_M), 0)
+
+    k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty = _buffers(k_desc, v_desc, q_desc, do_desc, STAGES, 1)
+    p_bufs = gl.allocate_shared_memory(gl.float32, [P_STAGES, WG_N, TILE_M],
+                                       gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+    p_full = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], mbarrier.MBarrierLayout())
+    p_empty = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], mbarrier.MBarrierLayout())
+    for slot in gl.static_range(P_STAGES):
+        mbarrier.init(p_full.index(slot), count=1)
+        mbarrier.init(p_empty.index(slot), count=1)
+
+    gl.warp_specialize([
+        (_kv_p_role, (k_bufs, q_ring, do_ring, p_bufs, kv_bar, ready, empty, p_full, p_empty, LseUnits, DV, off_b,
+                      off_hk, start_n, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift,
+                      right, qk_scale, q_lo, full_lo, per_head, HEAD_D, STAGES)),
+        (_kv_ds_role, (v_bufs, q_ring, do_ring, p_bufs, kv_bar, ready, empty, p_full, p_empty, Delta, DK, off_b,
+                       off_hk, start_n, stride_dkb, stride_dkh, stride_dkn, n_heads, group, n_queries, n_keys, scale,
+                       q_lo, per_head, HEAD_D, STAGES)),
+        (_kv_roles_producer, (q_desc, k_desc, v_desc, do_desc, k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready,
+                              empty, off_b, off_hk, start_n, group, q_lo, per_head, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -290,9 +466,11 @@ def gluon_backward_kv(q, k, v, grad_out, lse_units, delta, dk, dv, scale: float,
     ``causal_right`` < 0: no mask, else key j is visible to row i iff j <= i + shift + causal_right."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
-    n_n_blocks = triton.cdiv(n_keys, BLOCK_N)
+    roles = head_d in ROLE_SPLIT_HEAD_DIMS
+    n_n_blocks = triton.cdiv(n_keys, KEYS_PER_CONSUMER if roles else BLOCK_N)
     has_right = causal_right >= 0
-    _gluon_bwd_kv_kernel[(n_n_blocks * batch * kv_heads,)](
+    kernel = _gluon_bwd_kv_roles_kernel if roles else _gluon_bwd_kv_kernel
+    kernel[(n_n_blocks * batch * kv_heads,)](
         _descriptor(q, QUERY_BLOCK), _descriptor(k, KEYS_PER_CONSUMER), _descriptor(v, KEYS_PER_CONSUMER),
         _descriptor(grad_out, QUERY_BLOCK), lse_units, delta, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2), heads, kv_heads, heads // kv_heads, n_queries, n_keys, n_n_blocks,
@@ -302,10 +480,13 @@ def gluon_backward_kv(q, k, v, grad_out, lse_units, delta, dk, dv, scale: float,
 
 
 def gluon_backward_q(q, k, v, grad_out, lse_units, delta, dq, scale: float, causal_right: int, shift: int,
-                     block_keys: int = 64, stages: int = 2) -> None:
+                     block_keys: int | None = None, stages: int = 2) -> None:
     """Write dq (last dim contiguous) for the operands of ``gluon_backward_kv``: one program per 128 query rows
-    of one head, looping over the key blocks of ``block_keys`` rows that the forward visited."""
+    of one head, looping over the key blocks of ``block_keys`` rows that the forward visited (by default 64, and
+    32 at head dims above 128, where 64-key blocks spill registers and overflow shared memory)."""
     batch, heads, n_queries, head_d = q.shape
+    if block_keys is None:
+        block_keys = 64 if head_d <= 128 else 32
     kv_heads, n_keys = k.shape[1], k.shape[2]
     n_m_blocks = triton.cdiv(n_queries, 2 * QUERY_BLOCK)
     has_right = causal_right >= 0

@@ -33,9 +33,11 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import LOG2E
 
-__all__ = ["BLOCK_M", "HEAD_DIMS", "tma_compatible", "gluon_forward"]
+__all__ = ["BLOCK_M", "BLOCK_N", "HEAD_DIMS", "tma_compatible", "gluon_forward"]
 
-HEAD_DIMS = (64, 128)  # head dims the kernel is built and measured for (Q, K and V share it)
+HEAD_DIMS = (64, 128, 256)  # head dims the kernel is built and measured for (Q, K and V share it)
+# Key block per head dim: at 256, 128-key blocks spill registers; 64 keys with two stages fill shared memory.
+BLOCK_N = {64: 128, 128: 128, 256: 64}
 
 # Triton 3.9 renamed the TMA load; 3.5 - 3.8 only know the old name.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -245,16 +247,19 @@ def _descriptor(x, rows: int):
     return TensorDescriptor(x, list(x.shape), strides, block, layout)
 
 
-def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int, block_n: int = 128,
+def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int, block_n: int | None = None,
                   stages: int = 2, consumer_regs: int = 240, maxnreg: int = 168):
     """Launch the kernel.  q [B, H, M, D], k / v [B, HK, N, D] (16-bit, last dim contiguous, TMA-aligned);
     ``causal_right`` < 0: no causal mask, else key j is visible to row i iff j <= i + shift + causal_right.
     Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
     Writes out [B, H, M, D] (any strides with a contiguous last dim) and lse [B, H, M] (contiguous fp32).
-    ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch (the shipped 240 / 168 keep one
-    program per SM; ``benchmarks/explore_gluon_fwd.py`` tries others)."""
+    ``block_n``: keys per block (default ``BLOCK_N`` of the head dim).  ``consumer_regs`` / ``maxnreg``:
+    registers per consumer thread and at launch (the shipped 240 / 168 keep one program per SM;
+    ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
+    if block_n is None:
+        block_n = BLOCK_N.get(head_d, 64)
     n_m_blocks = triton.cdiv(n_queries, BLOCK_M)
     has_right = causal_right >= 0
     _gluon_fwd_kernel[(n_m_blocks * batch * heads,)](

@@ -55,9 +55,10 @@ __all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_inte
 
 # FA_INDUCTOR_GLUON=0 keeps every call on the portable Triton kernels (A/B comparisons, debugging).
 GLUON_ENV = "FA_INDUCTOR_GLUON"
-# Head dims whose backward runs the Gluon dK/dV and dQ passes.  At head dim 64 they measured no faster than the
-# Triton passes on the H100 (benchmarks/reference/README.md, "The Gluon backward"), so it stays on Triton ...
-GLUON_BACKWARD_HEAD_DIMS = (128,)
+# Head dims whose backward runs the Gluon dK/dV and dQ passes (at 256 the dK/dV kernel that splits its warp groups
+# by role: 1.7x the Triton backward on the H100, README.md there, "Issue 7, fourth pass").  At head dim 64 they
+# measured no faster than the Triton passes (README.md, "The Gluon backward"), so it stays on Triton ...
+GLUON_BACKWARD_HEAD_DIMS = (128, 256)
 # ... except that with a causal mask the Triton dK/dV pass followed by the Gluon dQ pass (128-key blocks) measured
 # 3-4 % faster than both Triton passes (README.md there, "Issue 7, third pass"); without one it was slower.
 GLUON_DQ_CAUSAL_HEAD_DIMS = (64,)
@@ -216,38 +217,42 @@ def _gluon_usable(*tensors: Tensor) -> bool:
 
 
 def gluon_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
-    """Whether the call goes to the Gluon warp-specialised kernels (``gluon_fwd.py`` for the forward,
-    ``gluon_bwd.py`` for the backward's passes where ``gluon_backward_applies`` also holds): an sm90 GPU, a
-    Triton with Gluon, 16-bit operands with one head dim in ``gluon_fwd.HEAD_DIMS``, and no feature beyond a
-    causal / right-window mask.  Decided from dtypes, static head dims and options only (no guard on lengths or
-    strides); what depends on the data (alignment, strides, empty key sets) is checked again when the op runs,
-    which falls back to the Triton kernels."""
+    """Whether the forward goes to the Gluon warp-specialised kernel (``gluon_fwd.py``): ``_gluon_eligible``
+    and a head dim in ``gluon_fwd.HEAD_DIMS``."""
+    head_d = _gluon_eligible(query, key, value, scale, spec)
+    return head_d is not None and head_d in _gluon_forward_module().HEAD_DIMS
+
+
+def _gluon_eligible(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> Optional[int]:
+    """The head dim when a call may take the Gluon kernels, else None: an sm90 GPU, a Triton with Gluon, 16-bit
+    operands with one static head dim, and no feature beyond a causal / right-window mask.  Decided from dtypes,
+    static head dims and options only (no guard on lengths or strides); what depends on the data (alignment,
+    strides, empty key sets) is checked again when the op runs, which falls back to the Triton kernels."""
     if (query.device.type != "cuda" or os.environ.get(GLUON_ENV, "1").strip() == "0"
             or query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype
             or value.dtype != query.dtype or scale < 0):
-        return False
+        return None
     head_d = query.shape[-1]
     # Symbolic head dims (dynamic shapes) stay on Triton rather than add a guard.
     if not (isinstance(head_d, int) and isinstance(key.shape[-1], int) and isinstance(value.shape[-1], int)
             and head_d == key.shape[-1] == value.shape[-1]):
-        return False
+        return None
     if (spec.bias is not None or spec.left >= 0 or spec.seqlens_q is not None or spec.seqlens_k is not None
             or spec.softcap > 0 or spec.has_dropout or spec.block_mask is not None):
-        return False
+        return None
     index = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    if current_arch(index).name != "sm90":
-        return False
-    module = _gluon_forward_module()
-    return module is not None and head_d in module.HEAD_DIMS
+    if current_arch(index).name != "sm90" or _gluon_forward_module() is None:
+        return None
+    return head_d
 
 
 def gluon_backward_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
-    """Whether the backward goes to the Hopper op, i.e. runs Gluon passes: ``gluon_applies``, and a head dim in
-    ``GLUON_BACKWARD_HEAD_DIMS``, or in ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal mask."""
-    # gluon_applies first: it turns symbolic head dims away before the membership tests could guard on them.
-    if not gluon_applies(query, key, value, scale, spec):
+    """Whether the backward goes to the Hopper op, i.e. runs Gluon passes: ``_gluon_eligible``, and a head dim
+    in ``GLUON_BACKWARD_HEAD_DIMS``, or in ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal mask."""
+    # _gluon_eligible first: it turns symbolic head dims away before the membership tests could guard on them.
+    head_d = _gluon_eligible(query, key, value, scale, spec)
+    if head_d is None:
         return False
-    head_d = query.shape[-1]
     return head_d in GLUON_BACKWARD_HEAD_DIMS or (head_d in GLUON_DQ_CAUSAL_HEAD_DIMS and spec.right == 0)
 
 
@@ -265,7 +270,7 @@ def _hopper_forward_fn(query: Tensor, key: Tensor, value: Tensor, scale: float, 
     which ("gluon_forward" / "gluon_forward_fallback")."""
     out = empty_output(query, value)
     lse = empty_lse(query)
-    if _gluon_usable(query, key, value):
+    if _gluon_usable(query, key, value) and query.shape[-1] in _gluon_forward_module().HEAD_DIMS:
         _gluon_forward_module().gluon_forward(query, key, value, out, lse, scale, right,
                                               _shift(query, key, bottom_right))
         _count("gluon_forward")
@@ -302,11 +307,13 @@ def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Ten
     dq, dk, dv, _ = _empty_grads(query, key, value, None, False)
     # The body of an opaque op only ever sees real tensors: Triton kernels launch directly.
     with direct_launches():
-        if _gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1:
+        head_d = query.shape[-1]
+        both = head_d in GLUON_BACKWARD_HEAD_DIMS
+        if (_gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1
+                and (both or (head_d in GLUON_DQ_CAUSAL_HEAD_DIMS and right == 0))):
             from .gluon_bwd import gluon_backward_kv, gluon_backward_q
 
             shift = _shift(query, key, bottom_right)
-            both = query.shape[-1] in GLUON_BACKWARD_HEAD_DIMS
             dq_options = {} if both else {"block_keys": GLUON_DQ_CAUSAL_BLOCK_KEYS}
 
             def gluon_kv_pass(lse_units, delta):

@@ -201,6 +201,14 @@ def test_dropout(extra):
     assert not torch.allclose(plain, dropped)
 
 
+@pytest.mark.parametrize("extra", [{}, {"is_causal": True}], ids=["plain", "causal"])
+def test_dropout_of_everything_gives_zeros(extra):
+    """dropout_p = 1 drops every probability: the output and dv are exactly 0 (not 0 / 0 = NaN), as with torch's
+    dropout; the LSE is that of the scores, so dq and dk carry only the LSE's gradient (checked by check_fp64)."""
+    out, lse, grads = check_fp64(*make_qkv(), dropout_p=1.0, rng_state=RNG_STATE, **extra)
+    assert not out.any() and not grads[2].any() and torch.isfinite(lse).all()
+
+
 def test_keep_mask_key_range_is_a_slice_of_the_full_mask():
     full = rng.keep_mask(RNG_STATE, B, H, M, N, 0.4)
     assert torch.equal(rng.keep_mask(RNG_STATE, B, H, M, N, 0.4, col_start=5, col_stop=21), full[..., 5:21])

@@ -73,6 +73,42 @@ def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr, RES
 
 
 @gluon.jit
+def _kv_program(n_n_blocks, kv_heads, n_queries, shift, right, KEYS: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """What a dK/dV program owns: keys [start_n, start_n + KEYS) of key head (off_b, off_hk), and the query blocks
+    it visits: [q_lo, M) see some of its keys, from full_lo on they see all of them; per_head blocks per head."""
+    pid = gl.program_id(0)
+    bhk = pid // n_n_blocks
+    start_n = (pid % n_n_blocks) * KEYS
+    off_b = bhk // kv_heads
+    off_hk = bhk % kv_heads
+    q_lo = start_n * 0
+    full_lo = start_n * 0
+    if HAS_RIGHT:
+        q_lo = gl.maximum(start_n - shift - right, 0) // TILE_M * TILE_M
+        full_lo = gl.maximum(start_n + KEYS - 1 - shift - right, 0)
+    per_head = gl.maximum(gl.cdiv(n_queries - q_lo, TILE_M), 0)
+    return off_b, off_hk, start_n, q_lo, full_lo, per_head
+
+
+@gluon.jit
+def _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols):
+    """Query head, first row and the [B, H, M] offsets of the rows of iteration ``it`` of a dK/dV program."""
+    off_h = off_hk * group + it // per_head
+    row0 = q_lo + (it % per_head) * TILE_M
+    rows = row0 + cols
+    stats = (off_b * n_heads + off_h).to(gl.int64) * n_queries + rows
+    return row0, rows, stats
+
+
+@gluon.jit
+def _ring_tiles(q_ring, do_ring, ready, it, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
+    """Wait for iteration ``it``'s (Q, dO) tiles to land; (ring stage, Q tile, dO tile)."""
+    stage = it % STAGES
+    mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
+    return stage, q_ring.index(stage).reshape([TILE_M, HEAD_D]), do_ring.index(stage).reshape([TILE_M, HEAD_D])
+
+
+@gluon.jit
 def _kv_consumer(k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty, LseUnits, Delta, DK, DV, off_b, off_hk,
                  key0, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group,
                  n_queries, n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head,
@@ -92,17 +128,11 @@ def _kv_consumer(k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty, LseUnits
     mbarrier.wait(kv_bar, 0)
 
     for it in range(group * per_head):
-        off_h = off_hk * group + it // per_head
-        row0 = q_lo + (it % per_head) * TILE_M
-        rows = row0 + cols
-        stats = (off_b * n_heads + off_h).to(gl.int64) * n_queries + rows
+        row0, rows, stats = _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols)
         # Rows past M: LSE = +inf makes P = 0 there.
         lse = gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf"))
         delta = gl.load(Delta + stats, mask=rows < n_queries, other=0.0)
-        stage = it % STAGES
-        mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
-        q = q_ring.index(stage).reshape([TILE_M, HEAD_D])
-        do = do_ring.index(stage).reshape([TILE_M, HEAD_D])
+        stage, q, do = _ring_tiles(q_ring, do_ring, ready, it, HEAD_D, STAGES)
         st_tok = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
         dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
         # In-order retirement: with one group left in flight, S^T is done and dP^T may not be.
@@ -164,20 +194,8 @@ def _gluon_bwd_kv_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DK, D
                          n_n_blocks, shift, right, qk_scale, scale,
                          HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    pid = gl.program_id(0)
-    bhk = pid // n_n_blocks
-    start_n = (pid % n_n_blocks) * PROGRAM_N
-    off_b = bhk // kv_heads
-    off_hk = bhk % kv_heads
-
-    # Query blocks [q_lo, M) see some key of this block; from full_lo on they see all of them.
-    q_lo = start_n * 0
-    full_lo = start_n * 0
-    if HAS_RIGHT:
-        q_lo = gl.maximum(start_n - shift - right, 0) // TILE_M * TILE_M
-        full_lo = gl.maximum(start_n + PROGRAM_N - 1 - shift - right, 0)
-    per_head = gl.maximum(gl.cdiv(n_queries - q_lo, TILE_M), 0)
-
+    off_b, off_hk, start_n, q_lo, full_lo, per_head = _kv_program(n_n_blocks, kv_heads, n_queries, shift, right,
+                                                                  PROGRAM_N, HAS_RIGHT)
     k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty = _buffers(k_desc, v_desc, q_desc, do_desc, STAGES)
 
     gl.warp_specialize([
@@ -198,16 +216,6 @@ def _gluon_bwd_kv_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DK, D
 # accumulator per warp group is all the registers one can hold there, so each consumer keeps one of dK / dV.
 ROLE_SPLIT_HEAD_DIMS = (256,)
 P_STAGES = gl.constexpr(2)  # P^T tiles in flight between the two role partitions
-
-
-@gluon.jit
-def _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols):
-    """Query head, first row and the [B, H, M] offsets of the rows of iteration ``it`` of a dK/dV program."""
-    off_h = off_hk * group + it // per_head
-    row0 = q_lo + (it % per_head) * TILE_M
-    rows = row0 + cols
-    stats = (off_b * n_heads + off_h).to(gl.int64) * n_queries + rows
-    return row0, rows, stats
 
 
 @gluon.jit
@@ -243,10 +251,7 @@ def _kv_p_role(k_bufs, q_ring, do_ring, p_bufs, kv_bar, ready, empty, p_full, p_
         row0, rows, stats = _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols)
         # Rows past M: LSE = +inf makes P = 0 there.
         lse = gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf"))
-        stage = it % STAGES
-        mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
-        q = q_ring.index(stage).reshape([TILE_M, HEAD_D])
-        do = do_ring.index(stage).reshape([TILE_M, HEAD_D])
+        stage, q, do = _ring_tiles(q_ring, do_ring, ready, it, HEAD_D, STAGES)
         st_tok = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
         st = warpgroup_mma_wait(0, deps=[st_tok])
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
@@ -285,10 +290,7 @@ def _kv_ds_role(v_bufs, q_ring, do_ring, p_bufs, kv_bar, ready, empty, p_full, p
     for it in range(group * per_head):
         row0, rows, stats = _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols)
         delta = gl.load(Delta + stats, mask=rows < n_queries, other=0.0)
-        stage = it % STAGES
-        mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
-        q = q_ring.index(stage).reshape([TILE_M, HEAD_D])
-        do = do_ring.index(stage).reshape([TILE_M, HEAD_D])
+        stage, q, do = _ring_tiles(q_ring, do_ring, ready, it, HEAD_D, STAGES)
         dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
         dpt = warpgroup_mma_wait(0, deps=[dpt_tok])
         slot = it % P_STAGES
@@ -321,19 +323,8 @@ def _gluon_bwd_kv_roles_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta,
                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     """dK/dV for large head dims, one program per 64 keys of one (batch, key head): the two consumer warp groups
     share the keys and split the work by role (``_kv_p_role``, ``_kv_ds_role``) instead of by keys."""
-    pid = gl.program_id(0)
-    bhk = pid // n_n_blocks
-    start_n = (pid % n_n_blocks) * WG_N
-    off_b = bhk // kv_heads
-    off_hk = bhk % kv_heads
-
-    q_lo = start_n * 0
-    full_lo = start_n * 0
-    if HAS_RIGHT:
-        q_lo = gl.maximum(start_n - shift - right, 0) // TILE_M * TILE_M
-        full_lo = gl.maximum(start_n + WG_N - 1 - shift - right, 0)
-    per_head = gl.maximum(gl.cdiv(n_queries - q_lo, TILE_M), 0)
-
+    off_b, off_hk, start_n, q_lo, full_lo, per_head = _kv_program(n_n_blocks, kv_heads, n_queries, shift, right,
+                                                                  WG_N, HAS_RIGHT)
     k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty = _buffers(k_desc, v_desc, q_desc, do_desc, STAGES, 1)
     p_bufs = gl.allocate_shared_memory(gl.float32, [P_STAGES, WG_N, TILE_M],
                                        gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))

@@ -47,6 +47,54 @@ def test_tma_compatible_layouts():
     assert not gluon_fwd.tma_compatible(torch.empty(1, 1, 64, 64, dtype=torch.bfloat16).expand(2, 4, 64, 64))
 
 
+ROUTES = [
+    # head dim, causal, forward on Gluon, backward through the Hopper op (Gluon passes)
+    (64, False, True, False),
+    (64, True, True, True),  # Triton dK/dV + Gluon dQ
+    (128, False, True, True),
+    (128, True, True, True),
+    (256, False, True, True),  # the role-split dK/dV kernel
+    (256, True, True, True),
+    (96, False, False, False),
+    (32, True, False, False),
+]
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_d,causal,forward,backward", ROUTES)
+def test_routing_by_head_dim_and_features(head_d, causal, forward, backward, monkeypatch):
+    """Which passes take the Gluon kernels on an sm90 device: decided from dtypes, static head dims and the mask
+    alone, so fake CUDA tensors and ``FA_INDUCTOR_ARCH=sm90`` check it without a GPU.  fp32, a bias, a left
+    window, dropout or the env switch keep every head dim on Triton."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fa_inductor.kernels.masking import MaskSpec
+
+    monkeypatch.setenv("FA_INDUCTOR_ARCH", "sm90")
+    monkeypatch.delenv(op_module.GLUON_ENV, raising=False)
+
+    def make(dtype):
+        with FakeTensorMode():
+            return [torch.empty(1, 4, 256, head_d, device="cuda", dtype=dtype) for _ in range(3)]
+
+    q, k, v = make(torch.bfloat16)
+    right = 0 if causal else -1
+    spec = MaskSpec(right=right)
+    assert op_module.gluon_applies(q, k, v, head_d ** -0.5, spec) == forward
+    assert op_module.gluon_backward_applies(q, k, v, head_d ** -0.5, spec) == backward
+    q16, k16, v16 = make(torch.float16)
+    assert op_module.gluon_applies(q16, k16, v16, head_d ** -0.5, spec) == forward
+    assert op_module.gluon_backward_applies(q16, k16, v16, head_d ** -0.5, spec) == backward
+    q32, k32, v32 = make(torch.float32)
+    off = [(q32, k32, v32, spec), (q, k, v, MaskSpec(right=right, left=8)),
+           (q, k, v, MaskSpec(right=right, dropout_p=0.1)), (q, k, v, MaskSpec(right=right, softcap=5.0))]
+    for args in off:
+        assert not op_module.gluon_applies(*args[:3], head_d ** -0.5, args[3])
+        assert not op_module.gluon_backward_applies(*args[:3], head_d ** -0.5, args[3])
+    monkeypatch.setenv(op_module.GLUON_ENV, "0")
+    assert not op_module.gluon_applies(q, k, v, head_d ** -0.5, spec)
+    assert not op_module.gluon_backward_applies(q, k, v, head_d ** -0.5, spec)
+
+
 # --- GPU: numerics -----------------------------------------------------------------------------------------
 
 SHAPES = [

@@ -153,15 +153,14 @@ class _Problem:
         return s, capped
 
     def dropout_scale(self, start: int, stop: int) -> Optional[Tensor]:
-        """keep / (1 - p) for the block's elements (None without dropout); all zeros at p = 1, where every element
-        is dropped (as in the Triton kernels and ``F.dropout``; dividing by 1 - p would give 0 / 0 = NaN)."""
+        """keep * ``spec.drop_scale`` (1 / (1 - p), 0 at p = 1) for the block's elements (None without
+        dropout)."""
         spec = self.spec
         if not spec.has_dropout:
             return None
         keep = rng.keep_mask(spec.rng_state, self.batch, self.heads, self.n_queries, self.n_keys,
                              spec.dropout_p, col_start=start, col_stop=stop)
-        drop_scale = 0.0 if spec.dropout_p >= 1.0 else 1.0 / (1.0 - spec.dropout_p)
-        return _head_grouped(keep, self.kv_heads).to(self.acc_dtype) * drop_scale
+        return _head_grouped(keep, self.kv_heads).to(self.acc_dtype) * spec.drop_scale
 
 
 def _online_softmax(problem: _Problem, q: Tensor, key: Tensor, value: Optional[Tensor]):

@@ -172,6 +172,13 @@ class MaskSpec:
     def has_dropout(self) -> bool:
         return self.dropout_p > 0.0
 
+    @property
+    def drop_scale(self) -> float:
+        """The factor kept probabilities are scaled by, 1 / (1 - p); 0 at p = 1, where every one is dropped (as
+        with ``F.dropout``: dividing by 1 - p there would give 0 / 0 = NaN)."""
+        p = float(self.dropout_p)
+        return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelArguments:
@@ -219,14 +226,13 @@ def kernel_arguments(query: Tensor, spec: MaskSpec, scale: float) -> KernelArgum
         qk_scale, cap = scale * log_unit, 0.0
     p = float(spec.dropout_p)
     threshold = keep_threshold(p) if p > 0 else 0
-    drop_scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
     return KernelArguments(
         tensors=(bias_t, _or(spec.seqlens_q, placeholder), _or(spec.seqlens_k, placeholder),
                  _or(spec.rng_state, placeholder), placeholder, placeholder, bounds_t),
         bias_strides=b_strides,
         bounds_strides=bounds_strides,
         sparse_strides=(0, 0, 0),
-        scalars=(spec.left, spec.right, qk_scale, cap, threshold, drop_scale, 0),
+        scalars=(spec.left, spec.right, qk_scale, cap, threshold, spec.drop_scale, 0),
         flags=dict(BOTTOM_RIGHT=spec.bottom_right, HAS_LEFT=spec.left >= 0, HAS_RIGHT=spec.right >= 0,
                    HAS_SEQ_Q=spec.seqlens_q is not None, HAS_SEQ_K=spec.seqlens_k is not None,
                    BIAS=spec.bias_kind, BIAS_ROW=spec.bias is not None and b_strides[2] == 0,

@@ -251,9 +251,12 @@ def gluon_backward_applies(query: Tensor, key: Tensor, value: Tensor, scale: flo
     in ``GLUON_BACKWARD_HEAD_DIMS``, or in ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal mask."""
     # _gluon_eligible first: it turns symbolic head dims away before the membership tests could guard on them.
     head_d = _gluon_eligible(query, key, value, scale, spec)
-    if head_d is None:
-        return False
-    return head_d in GLUON_BACKWARD_HEAD_DIMS or (head_d in GLUON_DQ_CAUSAL_HEAD_DIMS and spec.right == 0)
+    return head_d is not None and _gluon_backward_head_dim(head_d, spec.right)
+
+
+def _gluon_backward_head_dim(head_d: int, right: int) -> bool:
+    """Whether the backward has Gluon passes at this head dim and mask (``right`` == 0: causal)."""
+    return head_d in GLUON_BACKWARD_HEAD_DIMS or (head_d in GLUON_DQ_CAUSAL_HEAD_DIMS and right == 0)
 
 
 def _count(name: str) -> None:
@@ -307,13 +310,12 @@ def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Ten
     dq, dk, dv, _ = _empty_grads(query, key, value, None, False)
     # The body of an opaque op only ever sees real tensors: Triton kernels launch directly.
     with direct_launches():
-        head_d = query.shape[-1]
-        both = head_d in GLUON_BACKWARD_HEAD_DIMS
         if (_gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1
-                and (both or (head_d in GLUON_DQ_CAUSAL_HEAD_DIMS and right == 0))):
+                and _gluon_backward_head_dim(query.shape[-1], right)):
             from .gluon_bwd import gluon_backward_kv, gluon_backward_q
 
             shift = _shift(query, key, bottom_right)
+            both = query.shape[-1] in GLUON_BACKWARD_HEAD_DIMS
             dq_options = {} if both else {"block_keys": GLUON_DQ_CAUSAL_BLOCK_KEYS}
 
             def gluon_kv_pass(lse_units, delta):

@@ -3,16 +3,17 @@
 Triton's ``tl.dot`` leaves the overlap of softmax arithmetic with tensor-core work to the compiler, which on
 Hopper reaches 0.83-0.95x of cuDNN (``benchmarks/reference``).  Gluon exposes the pieces that overlap needs:
 asynchronous warp-group MMAs (``warpgroup_mma(..., is_async=True)`` with explicit waits), TMA copies signalled
-through mbarriers, and warp-specialised partitions.  Each program owns 128 query rows of one (batch, head):
+through mbarriers, and warp-specialised partitions.  Each program owns 64 query rows of one (batch, head) per
+consumer warp group (two or three, ``CONSUMERS``):
 
 * a producer partition (one warp, few registers) TMA-loads Q once and streams K and V tiles through a ring of
   ``STAGES`` shared-memory buffers, each guarded by a "ready" mbarrier (TMA bytes landed) and an "empty" one
-  (both consumers are done with it);
-* two consumer partitions (one warp group each, 64 query rows each) run the online softmax of
-  FLASHATTENTION.md.  Within a consumer, block j + 1's scores S = Q K^T and block j's P V are issued together
-  as asynchronous MMAs, and the softmax of block j + 1 runs while P V is still on the tensor cores; only then
-  is the output rescaled.  The two consumers are independent, so the warp schedulers fill one's softmax with
-  the other's MMAs.
+  (every consumer is done with it);
+* the consumer partitions (one warp group each) run the online softmax of FLASHATTENTION.md.  Within a consumer,
+  block j + 1's scores S = Q K^T and block j's P V are issued together as asynchronous MMAs, and the softmax of
+  block j + 1 runs while P V is still on the tensor cores; only then is the output rescaled.  The consumers are
+  independent, so the warp schedulers fill one's softmax with the others' MMAs.  Under a causal mask each one
+  stops at the last key block its own rows see.
 
 Scores are kept in log2 units (the scale times log2(e) folded into one multiply).  Only the key blocks that can
 hold an invisible score (the diagonal of a causal mask, the key tail) pay for mask arithmetic; rows that see no
@@ -33,19 +34,26 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import LOG2E
 
-__all__ = ["BLOCK_M", "BLOCK_N", "HEAD_DIMS", "tma_compatible", "gluon_forward"]
+__all__ = ["BLOCK_N", "CONSUMERS", "HEAD_DIMS", "REGISTERS", "tma_compatible", "gluon_forward"]
 
 HEAD_DIMS = (64, 128, 256)  # head dims the kernel is built and measured for (Q, K and V share it)
 # Key block per head dim: at 256, 128-key blocks spill registers; 64 keys with two stages fill shared memory.
 BLOCK_N = {64: 128, 128: 128, 256: 64}
+# Consumer warp groups (64 query rows each) per head dim.  At 64 a third one keeps the tensor cores busier
+# while the others run their exponentials (benchmarks/reference, "fifth pass"); at 128 and 256 the [64, head dim]
+# fp32 accumulator and a 128-key score tile do not fit the 160 registers a thread that three leave.
+CONSUMERS = {64: 3}
 
 # Triton 3.9 renamed the TMA load; 3.5 - 3.8 only know the old name.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 
 ROWS_PER_CONSUMER = 64  # query rows per consumer warp group (one wgmma M tile per warp group)
-BLOCK_M = 2 * ROWS_PER_CONSUMER
-WG_M = gl.constexpr(ROWS_PER_CONSUMER)  # the same numbers as kernel constants
-PROGRAM_M = gl.constexpr(BLOCK_M)
+WG_M = gl.constexpr(ROWS_PER_CONSUMER)  # the same number as a kernel constant
+# Register budgets (per consumer thread, at launch) by number of consumer warp groups.  Triton pads the producer
+# warp to a warp group, so 2 consumers make 12 warps (launched at 168 registers: 64K / 384) and 3 make 16 (128).
+# The worker consumers get what is asked for here; the first consumer (Gluon's default partition) gets the rest
+# of the 64K registers: 240 and 168.
+REGISTERS = {2: (240, 168), 3: (160, 128)}
 
 
 @gluon.constexpr_function
@@ -79,7 +87,7 @@ def _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, maske
 
 @gluon.jit
 def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
-              row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_iter, n_full,
+              start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_iter, n_full,
               HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
               WG: gl.constexpr):
     s_layout: gl.constexpr = _mma_layout(BLOCK_N)
@@ -89,6 +97,14 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = q_bufs.dtype
 
+    row0 = start_m + WG * WG_M
+    # The program streams n_iter key blocks for its lowest rows' sake; under a causal mask this warp group's rows
+    # see fewer (n_own) and more of them unmasked (n_full).  It only waits for and releases the blocks beyond
+    # n_own, which hold no key its rows see.
+    n_own = n_iter
+    if HAS_RIGHT:
+        n_own = gl.maximum(gl.cdiv(gl.minimum(n_keys, gl.maximum(row0 + WG_M + shift + right, 0)), BLOCK_N), 1)
+        n_full = gl.minimum(n_keys, gl.maximum(row0 + shift + right + 1, 0)) // BLOCK_N
     rows = row0 + gl.arange(0, WG_M, layout=row_s)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     q = q_bufs.index(WG).reshape([WG_M, HEAD_D])
@@ -109,7 +125,7 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
     p = gl.convert_layout(p.to(dtype), p_layout)
 
     # Invariant at the top of iteration i: p holds block i's probabilities, acc is scaled to block i's maximum.
-    for i in range(0, n_iter - 1):
+    for i in range(0, n_own - 1):
         j = i + 1
         stage_j = j % STAGES
         stage_i = i % STAGES
@@ -129,7 +145,7 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         p = p_next
 
-    last = n_iter - 1
+    last = n_own - 1
     stage_l = last % STAGES
     mbarrier.wait(v_ready.index(stage_l), (last // STAGES) & 1)
     acc_tok = warpgroup_mma(p, v_bufs.index(stage_l).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
@@ -148,14 +164,22 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
               + gl.expand_dims(rows_o.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols_o, 0))
     gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims(rows_o < n_queries, 1))
     gl.store(Lse + bh.to(gl.int64) * n_queries + rows, lse, mask=rows < n_queries)
+    # The key blocks past this warp group's rows: released unread.
+    for j in range(n_own, n_iter):
+        stage = j % STAGES
+        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
+        mbarrier.arrive(v_empty.index(stage), count=1)
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, off_b,
-              off_h, off_hk, start_m, n_iter, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    _tma_load(q_desc, [off_b, off_h, start_m, 0], q_bar, q_bufs.index(0))
-    _tma_load(q_desc, [off_b, off_h, start_m + WG_M, 0], q_bar, q_bufs.index(1))
+              off_h, off_hk, start_m, n_iter, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              CONSUMERS: gl.constexpr):
+    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+    for wg in gl.static_range(CONSUMERS):
+        _tma_load(q_desc, [off_b, off_h, start_m + wg * WG_M, 0], q_bar, q_bufs.index(wg))
     for i in range(n_iter):
         stage = i % STAGES
         # Fresh mbarriers count as having completed the phase before 0: the first lap does not wait.
@@ -172,7 +196,8 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_
 def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, stride_om, n_heads, group, n_queries,
                       n_keys, n_m_blocks, shift, right, qk_scale,
                       HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2):
+    PROGRAM_M: gl.constexpr = CONSUMERS * WG_M
     pid = gl.program_id(0)
     bh = pid // n_m_blocks
     m_block = pid % n_m_blocks
@@ -194,7 +219,7 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, st
     n_iter = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
     n_full = full_hi // BLOCK_N
 
-    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -206,20 +231,37 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, st
     for stage in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(stage), count=1)
         mbarrier.init(v_ready.index(stage), count=1)
-        # Both consumers release a buffer before it is refilled.
-        mbarrier.init(k_empty.index(stage), count=2)
-        mbarrier.init(v_empty.index(stage), count=2)
+        # Every consumer releases a buffer before it is refilled.
+        mbarrier.init(k_empty.index(stage), count=CONSUMERS)
+        mbarrier.init(v_empty.index(stage), count=CONSUMERS)
 
-    gl.warp_specialize([
-        (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
-                     start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_iter,
-                     n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0)),
-        (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
-                     start_m + WG_M, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                     n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1)),
-        (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
-                     off_b, off_h, off_hk, start_m, n_iter, BLOCK_N, STAGES)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # Each consumer gets the same arguments but its index (Gluon takes no tuples of functions, so the two
+    # partition lists are spelled out).
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
+                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
+                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1)),
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         off_b, off_h, off_hk, start_m, n_iter, BLOCK_N, STAGES, CONSUMERS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
+                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
+                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
+                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 2)),
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         off_b, off_h, off_hk, start_m, n_iter, BLOCK_N, STAGES, CONSUMERS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 def tma_compatible(x) -> bool:
@@ -248,23 +290,30 @@ def _descriptor(x, rows: int):
 
 
 def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int, block_n: int | None = None,
-                  stages: int = 2, consumer_regs: int = 240, maxnreg: int = 168):
+                  stages: int = 2, consumer_regs: int | None = None, maxnreg: int | None = None,
+                  consumers: int | None = None):
     """Launch the kernel.  q [B, H, M, D], k / v [B, HK, N, D] (16-bit, last dim contiguous, TMA-aligned);
     ``causal_right`` < 0: no causal mask, else key j is visible to row i iff j <= i + shift + causal_right.
     Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
     Writes out [B, H, M, D] (any strides with a contiguous last dim) and lse [B, H, M] (contiguous fp32).
-    ``block_n``: keys per block (default ``BLOCK_N`` of the head dim).  ``consumer_regs`` / ``maxnreg``:
-    registers per consumer thread and at launch (the shipped 240 / 168 keep one program per SM;
+    ``block_n``: keys per block (default ``BLOCK_N`` of the head dim); ``consumers``: consumer warp groups, 2 or
+    3 (default ``CONSUMERS`` of the head dim, else 2).  ``consumer_regs`` / ``maxnreg``: registers per consumer
+    thread and at launch (default ``REGISTERS`` of the consumer count, one program per SM;
     ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     if block_n is None:
         block_n = BLOCK_N.get(head_d, 64)
-    n_m_blocks = triton.cdiv(n_queries, BLOCK_M)
+    if consumers is None:
+        consumers = CONSUMERS.get(head_d, 2)
+    default_regs, default_maxnreg = REGISTERS[consumers]
+    consumer_regs = default_regs if consumer_regs is None else consumer_regs
+    maxnreg = default_maxnreg if maxnreg is None else maxnreg
+    n_m_blocks = triton.cdiv(n_queries, consumers * ROWS_PER_CONSUMER)
     has_right = causal_right >= 0
     _gluon_fwd_kernel[(n_m_blocks * batch * heads,)](
         _descriptor(q, ROWS_PER_CONSUMER), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
         out.stride(0), out.stride(1), out.stride(2), heads, heads // kv_heads, n_queries, n_keys, n_m_blocks,
         shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E,
         HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=consumer_regs,
-        PRODUCER_REGS=24, num_warps=4, maxnreg=maxnreg)
+        PRODUCER_REGS=24, CONSUMERS=consumers, num_warps=4, maxnreg=maxnreg)

@@ -41,15 +41,17 @@ def variants(q, k, v, do, out, lse, scale, causal, args):
         return lambda lse_units, delta: gluon_backward_kv(q, k, v, do, lse_units, delta, grads[1], grads[2], scale,
                                                           right, 0, stages=stages)
 
-    def qp(block, stages):
+    def qp(block, stages, consumers=2):
         return lambda lse_units, delta: gluon_backward_q(q, k, v, do, lse_units, delta, grads[0], scale, right, 0,
-                                                         block_keys=block, stages=stages)
+                                                         block_keys=block, stages=stages, consumers=consumers)
 
     result = {"triton": make(None, None), "gluon kv + triton q": make(kv(2), None)}
     for stages in args.stages:
         for block in args.dq_blocks:
             result[f"gluon kv s{stages} + q{block} s{stages}"] = make(kv(stages), qp(block, stages))
             result[f"triton kv + gluon q{block} s{stages}"] = make(None, qp(block, stages))
+            for consumers in args.dq_consumers:
+                result[f"triton kv + gluon q{block} s{stages} c{consumers}"] = make(None, qp(block, stages, consumers))
     return result, grads
 
 
@@ -57,6 +59,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dq-blocks", nargs="+", type=int, default=[64, 128])
     p.add_argument("--stages", nargs="+", type=int, default=[2])
+    p.add_argument("--dq-consumers", nargs="*", type=int, default=[],
+                   help="also time the Gluon dQ pass with this many consumer warp groups (3: 192 query rows)")
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--rounds", type=int, default=3)

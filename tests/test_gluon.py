@@ -194,14 +194,15 @@ def test_gpu_gluon_backward_matches_reference(shape, head_d, dtype):
                                                                              before[1] + gluon_backward)
 
 
-@pytest.mark.parametrize("head_d,block_keys", [(64, 64), (64, 128), (128, 64), (128, 128), (256, 32)])
+@pytest.mark.parametrize("head_d,block_keys,dq_consumers", [(64, 64, 2), (64, 128, 2), (64, 64, 3), (128, 64, 2),
+                                                           (128, 128, 2), (256, 32, 2)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.gpu
 @on_hopper
-def test_gpu_gluon_backward_kernels_at_every_head_dim(head_d, causal, block_keys):
-    """The Gluon dK/dV and dQ kernels called directly, including head dims and dQ key blocks the op does not
-    route to (at head dim 256 only 32-key dQ blocks fit): gradients within budget of fp64 on a GQA shape with
-    tails."""
+def test_gpu_gluon_backward_kernels_at_every_head_dim(head_d, causal, block_keys, dq_consumers):
+    """The Gluon dK/dV and dQ kernels called directly, including head dims, dQ key blocks and dQ consumer counts
+    the op does not route to (at head dim 256 only 32-key dQ blocks fit): gradients within budget of fp64 on a
+    GQA shape with tails."""
     from fa_inductor.kernels.configs import INTERPRETER_CONFIG
     from fa_inductor.kernels.flash_bwd import flash_backward
     from fa_inductor.kernels.gluon_bwd import gluon_backward_kv, gluon_backward_q
@@ -219,7 +220,8 @@ def test_gpu_gluon_backward_kernels_at_every_head_dim(head_d, causal, block_keys
         gluon_backward_kv(q, k, v, grad, lse_units, delta, grads[1], grads[2], scale, right, shift)
 
     def q_pass(lse_units, delta):
-        gluon_backward_q(q, k, v, grad, lse_units, delta, grads[0], scale, right, shift, block_keys=block_keys)
+        gluon_backward_q(q, k, v, grad, lse_units, delta, grads[0], scale, right, shift, block_keys=block_keys,
+                         consumers=dq_consumers)
 
     spec = MaskSpec(right=right, bottom_right=causal)
     flash_backward(grad, q, k, v, out, lse, None, *grads, None, scale, spec, INTERPRETER_CONFIG, INTERPRETER_CONFIG,

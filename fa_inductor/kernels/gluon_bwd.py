@@ -39,23 +39,22 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 from .common import LOG2E
-from .gluon_fwd import _descriptor, _mma_layout, _tma_load
+from .gluon_fwd import REGISTERS, _descriptor, _mma_layout, _tma_load
 
-__all__ = ["BLOCK_N", "gluon_backward_kv", "gluon_backward_q"]
+__all__ = ["gluon_backward_kv", "gluon_backward_q"]
 
 KEYS_PER_CONSUMER = 64
-BLOCK_N = 2 * KEYS_PER_CONSUMER
 QUERY_BLOCK = 64
 WG_N = gl.constexpr(KEYS_PER_CONSUMER)
-PROGRAM_N = gl.constexpr(BLOCK_N)
 TILE_M = gl.constexpr(QUERY_BLOCK)
 
 
 @gluon.jit
-def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr, RESIDENT: gl.constexpr = 2):
+def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr, RESIDENT: gl.constexpr = 2,
+             CONSUMERS: gl.constexpr = 2):
     """Shared memory of the backward passes: ``RESIDENT`` tiles each of the operands a program keeps (one per
     consumer that owns rows, signalled by one mbarrier), and a ring of ``STAGES`` tiles each of the operands it
-    streams, with "ready" (TMA bytes landed) and "empty" (both consumers released it) mbarriers per stage."""
+    streams, with "ready" (TMA bytes landed) and "empty" (all ``CONSUMERS`` released it) mbarriers per stage."""
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [RESIDENT] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [RESIDENT] + b_desc.block_type.shape, b_desc.layout)
     ring_a = gl.allocate_shared_memory(ring_a_desc.dtype, [STAGES] + ring_a_desc.block_type.shape,
@@ -68,7 +67,7 @@ def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr, RES
     mbarrier.init(resident, count=1)
     for stage in gl.static_range(STAGES):
         mbarrier.init(ready.index(stage), count=1)
-        mbarrier.init(empty.index(stage), count=2)
+        mbarrier.init(empty.index(stage), count=CONSUMERS)
     return a_bufs, b_bufs, ring_a, ring_b, resident, ready, empty
 
 
@@ -195,7 +194,7 @@ def _gluon_bwd_kv_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DK, D
                          HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     off_b, off_hk, start_n, q_lo, full_lo, per_head = _kv_program(n_n_blocks, kv_heads, n_queries, shift, right,
-                                                                  PROGRAM_N, HAS_RIGHT)
+                                                                  2 * WG_N, HAS_RIGHT)
     k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty = _buffers(k_desc, v_desc, q_desc, do_desc, STAGES)
 
     gl.warp_specialize([
@@ -398,12 +397,12 @@ def _q_consumer(q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits
 
 @gluon.jit
 def _q_producer(q_desc, k_desc, v_desc, do_desc, q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, off_b,
-                off_h, off_hk, start_m, n_iter, BLOCK_KEYS: gl.constexpr, STAGES: gl.constexpr):
-    mbarrier.expect(qdo_bar, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
-    _tma_load(q_desc, [off_b, off_h, start_m, 0], qdo_bar, q_bufs.index(0))
-    _tma_load(q_desc, [off_b, off_h, start_m + TILE_M, 0], qdo_bar, q_bufs.index(1))
-    _tma_load(do_desc, [off_b, off_h, start_m, 0], qdo_bar, do_bufs.index(0))
-    _tma_load(do_desc, [off_b, off_h, start_m + TILE_M, 0], qdo_bar, do_bufs.index(1))
+                off_h, off_hk, start_m, n_iter, BLOCK_KEYS: gl.constexpr, STAGES: gl.constexpr,
+                CONSUMERS: gl.constexpr):
+    mbarrier.expect(qdo_bar, CONSUMERS * (q_desc.block_type.nbytes + do_desc.block_type.nbytes))
+    for wg in gl.static_range(CONSUMERS):
+        _tma_load(q_desc, [off_b, off_h, start_m + wg * TILE_M, 0], qdo_bar, q_bufs.index(wg))
+        _tma_load(do_desc, [off_b, off_h, start_m + wg * TILE_M, 0], qdo_bar, do_bufs.index(wg))
     for it in range(n_iter):
         stage = it % STAGES
         mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
@@ -416,7 +415,8 @@ def _q_producer(q_desc, k_desc, v_desc, do_desc, q_bufs, do_bufs, k_ring, v_ring
 def _gluon_bwd_q_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DQ, stride_dqb, stride_dqh, stride_dqm,
                         n_heads, group, n_queries, n_keys, n_m_blocks, shift, right, qk_scale, scale,
                         HEAD_D: gl.constexpr, BLOCK_KEYS: gl.constexpr, STAGES: gl.constexpr,
-                        HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                        HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                        CONSUMERS: gl.constexpr = 2):
     pid = gl.program_id(0)
     bh = pid // n_m_blocks
     m_block = pid % n_m_blocks
@@ -425,28 +425,44 @@ def _gluon_bwd_q_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DQ, st
     off_b = bh // n_heads
     off_h = bh % n_heads
     off_hk = off_h // group
-    start_m = m_block * (2 * TILE_M)
+    start_m = m_block * (CONSUMERS * TILE_M)
     # Keys [0, hi) are visible to some row of this block, keys [0, n_full * BLOCK_KEYS) to all of them.
     hi = n_keys
     full_hi = n_keys
     if HAS_RIGHT:
-        hi = gl.minimum(hi, gl.maximum(start_m + 2 * TILE_M + shift + right, 0))
+        hi = gl.minimum(hi, gl.maximum(start_m + CONSUMERS * TILE_M + shift + right, 0))
         full_hi = gl.minimum(full_hi, gl.maximum(start_m + shift + right + 1, 0))
     n_iter = gl.cdiv(hi, BLOCK_KEYS)
     n_full = full_hi // BLOCK_KEYS
 
-    q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty = _buffers(q_desc, do_desc, k_desc, v_desc, STAGES)
+    q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty = _buffers(q_desc, do_desc, k_desc, v_desc, STAGES,
+                                                                      CONSUMERS, CONSUMERS)
 
-    gl.warp_specialize([
-        (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h, bh,
-                       start_m, stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift, right, qk_scale, scale,
-                       n_iter, n_full, HEAD_D, BLOCK_KEYS, STAGES, HAS_RIGHT, 0)),
-        (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h, bh,
-                       start_m + TILE_M, stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift, right,
-                       qk_scale, scale, n_iter, n_full, HEAD_D, BLOCK_KEYS, STAGES, HAS_RIGHT, 1)),
-        (_q_producer, (q_desc, k_desc, v_desc, do_desc, q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty,
-                       off_b, off_h, off_hk, start_m, n_iter, BLOCK_KEYS, STAGES)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h,
+                           bh, start_m, stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift, right,
+                           qk_scale, scale, n_iter, n_full, HEAD_D, BLOCK_KEYS, STAGES, HAS_RIGHT, 0)),
+            (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h,
+                           bh, start_m + TILE_M, stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift, right,
+                           qk_scale, scale, n_iter, n_full, HEAD_D, BLOCK_KEYS, STAGES, HAS_RIGHT, 1)),
+            (_q_producer, (q_desc, k_desc, v_desc, do_desc, q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty,
+                           off_b, off_h, off_hk, start_m, n_iter, BLOCK_KEYS, STAGES, CONSUMERS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h,
+                           bh, start_m, stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift, right,
+                           qk_scale, scale, n_iter, n_full, HEAD_D, BLOCK_KEYS, STAGES, HAS_RIGHT, 0)),
+            (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h,
+                           bh, start_m + TILE_M, stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift, right,
+                           qk_scale, scale, n_iter, n_full, HEAD_D, BLOCK_KEYS, STAGES, HAS_RIGHT, 1)),
+            (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h,
+                           bh, start_m + 2 * TILE_M, stride_dqb, stride_dqh, stride_dqm, n_queries, n_keys, shift,
+                           right, qk_scale, scale, n_iter, n_full, HEAD_D, BLOCK_KEYS, STAGES, HAS_RIGHT, 2)),
+            (_q_producer, (q_desc, k_desc, v_desc, do_desc, q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty,
+                           off_b, off_h, off_hk, start_m, n_iter, BLOCK_KEYS, STAGES, CONSUMERS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 def gluon_backward_kv(q, k, v, grad_out, lse_units, delta, dk, dv, scale: float, causal_right: int, shift: int,
@@ -458,33 +474,36 @@ def gluon_backward_kv(q, k, v, grad_out, lse_units, delta, dk, dv, scale: float,
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     roles = head_d in ROLE_SPLIT_HEAD_DIMS
-    n_n_blocks = triton.cdiv(n_keys, KEYS_PER_CONSUMER if roles else BLOCK_N)
+    n_n_blocks = triton.cdiv(n_keys, KEYS_PER_CONSUMER if roles else 2 * KEYS_PER_CONSUMER)
     has_right = causal_right >= 0
     kernel = _gluon_bwd_kv_roles_kernel if roles else _gluon_bwd_kv_kernel
+    regs, maxnreg = REGISTERS[2]
     kernel[(n_n_blocks * batch * kv_heads,)](
         _descriptor(q, QUERY_BLOCK), _descriptor(k, KEYS_PER_CONSUMER), _descriptor(v, KEYS_PER_CONSUMER),
         _descriptor(grad_out, QUERY_BLOCK), lse_units, delta, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2), heads, kv_heads, heads // kv_heads, n_queries, n_keys, n_n_blocks,
         shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E, scale,
-        HEAD_D=head_d, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=240, PRODUCER_REGS=24,
-        num_warps=4, maxnreg=168)
+        HEAD_D=head_d, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=regs, PRODUCER_REGS=24,
+        num_warps=4, maxnreg=maxnreg)
 
 
 def gluon_backward_q(q, k, v, grad_out, lse_units, delta, dq, scale: float, causal_right: int, shift: int,
-                     block_keys: int | None = None, stages: int = 2) -> None:
+                     block_keys: int | None = None, stages: int = 2, consumers: int = 2) -> None:
     """Write dq (last dim contiguous) for the operands of ``gluon_backward_kv``: one program per 128 query rows
     of one head, looping over the key blocks of ``block_keys`` rows that the forward visited (by default 64, and
-    32 at head dims above 128, where 64-key blocks spill registers and overflow shared memory)."""
+    32 at head dims above 128, where 64-key blocks spill registers and overflow shared memory).  ``consumers``:
+    consumer warp groups of 64 query rows each, 2 or 3."""
     batch, heads, n_queries, head_d = q.shape
     if block_keys is None:
         block_keys = 64 if head_d <= 128 else 32
     kv_heads, n_keys = k.shape[1], k.shape[2]
-    n_m_blocks = triton.cdiv(n_queries, 2 * QUERY_BLOCK)
+    n_m_blocks = triton.cdiv(n_queries, consumers * QUERY_BLOCK)
+    regs, maxnreg = REGISTERS[consumers]
     has_right = causal_right >= 0
     _gluon_bwd_q_kernel[(n_m_blocks * batch * heads,)](
         _descriptor(q, QUERY_BLOCK), _descriptor(k, block_keys), _descriptor(v, block_keys),
         _descriptor(grad_out, QUERY_BLOCK), lse_units, delta, dq, dq.stride(0), dq.stride(1), dq.stride(2), heads,
         heads // kv_heads, n_queries, n_keys, n_m_blocks, shift if has_right else 0,
         causal_right if has_right else 0, scale * LOG2E, scale,
-        HEAD_D=head_d, BLOCK_KEYS=block_keys, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=240,
-        PRODUCER_REGS=24, num_warps=4, maxnreg=168)
+        HEAD_D=head_d, BLOCK_KEYS=block_keys, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=regs,
+        PRODUCER_REGS=24, CONSUMERS=consumers, num_warps=4, maxnreg=maxnreg)

@@ -438,6 +438,7 @@ def _gluon_bwd_q_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DQ, st
     q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty = _buffers(q_desc, do_desc, k_desc, v_desc, STAGES,
                                                                       CONSUMERS, CONSUMERS)
 
+    # One partition list per consumer count, spelled out as in ``gluon_fwd._gluon_fwd_kernel`` (and for its reason).
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_q_consumer, (q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits, Delta, DQ, off_b, off_h,

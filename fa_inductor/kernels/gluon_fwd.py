@@ -235,8 +235,9 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, st
         mbarrier.init(k_empty.index(stage), count=CONSUMERS)
         mbarrier.init(v_empty.index(stage), count=CONSUMERS)
 
-    # Each consumer gets the same arguments but its index (Gluon takes no tuples of functions, so the two
-    # partition lists are spelled out).
+    # Each consumer gets the same arguments but its index.  The two partition lists are spelled out: Gluon 3.6
+    # takes no (function, arguments) pair held in a variable, and a shared argument tuple extended by the index
+    # turns its constexprs into tensors.
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,

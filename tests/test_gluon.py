@@ -32,6 +32,23 @@ def _counters():
 # --- host side ---------------------------------------------------------------------------------------------
 
 @needs_gluon
+def test_register_budgets_fit_the_register_file():
+    """``gluon_fwd.REGISTERS`` under Triton's warp-group register allocation: the one-warp producer is padded to
+    a warp group, the worker consumers get what is asked, the default partition (the first consumer) what is left
+    of the launch budget.  Every warp group's registers must fit the 64K of an SM together (a budget that does not
+    hangs in ``setmaxnreg``), and the first consumer must get at least what the others get."""
+    for consumers, (consumer_regs, maxnreg) in gluon_fwd.REGISTERS.items():
+        threads = 32 * 4 * (consumers + 1)  # the consumers and the padded producer warp group
+        assert maxnreg % 8 == 0 and maxnreg * threads <= 64 * 1024, (consumers, maxnreg)
+        # What Triton hands the default partition: the launch budget less what the workers hold, per thread.
+        pool = maxnreg * 128 + (consumers - 1) * (maxnreg - consumer_regs) * 128 + (maxnreg - 24) * 128
+        default_regs = pool // 128 // 8 * 8
+        assert default_regs >= consumer_regs, (consumers, default_regs)
+        total = 128 * (default_regs + (consumers - 1) * consumer_regs + 24)
+        assert total <= 64 * 1024, (consumers, total)
+
+
+@needs_gluon
 def test_tma_compatible_layouts():
     x = torch.empty(2, 64, 4, 128, dtype=torch.bfloat16)
     assert gluon_fwd.tma_compatible(x.transpose(1, 2))  # [B, L, H, D] memory read as [B, H, L, D]

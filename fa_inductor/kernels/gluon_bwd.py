@@ -20,7 +20,8 @@ work by role.  One computes S^T and P^T, hands P^T over through a small shared-m
 accumulates dK += dS^T Q.  Each role does two of the four products, and the MMAs of one overlap the other's
 exponentials.
 
-dQ (``gluon_backward_q``), one program per 128 query rows of one (batch, head): the producer loads Q and dO once
+dQ (``gluon_backward_q``), one program per 128 query rows of one (batch, head) (192 with ``consumers=3``, an
+option ``benchmarks/explore_gluon_bwd.py`` measures; the op uses two): the producer loads Q and dO once
 and streams K and V in blocks of ``block_keys``; each consumer (64 rows) issues S = Q K^T and dP = dO V^T
 together and accumulates dQ += dS K.
 
@@ -490,10 +491,10 @@ def gluon_backward_kv(q, k, v, grad_out, lse_units, delta, dk, dv, scale: float,
 
 def gluon_backward_q(q, k, v, grad_out, lse_units, delta, dq, scale: float, causal_right: int, shift: int,
                      block_keys: int | None = None, stages: int = 2, consumers: int = 2) -> None:
-    """Write dq (last dim contiguous) for the operands of ``gluon_backward_kv``: one program per 128 query rows
-    of one head, looping over the key blocks of ``block_keys`` rows that the forward visited (by default 64, and
-    32 at head dims above 128, where 64-key blocks spill registers and overflow shared memory).  ``consumers``:
-    consumer warp groups of 64 query rows each, 2 or 3."""
+    """Write dq (last dim contiguous) for the operands of ``gluon_backward_kv``: one program per ``consumers`` x 64
+    query rows of one head (2 or 3 consumer warp groups), looping over the key blocks of ``block_keys`` rows that
+    the forward visited (by default 64, and 32 at head dims above 128, where 64-key blocks spill registers and
+    overflow shared memory)."""
     batch, heads, n_queries, head_d = q.shape
     if block_keys is None:
         block_keys = 64 if head_d <= 128 else 32

@@ -298,7 +298,7 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
     Writes out [B, H, M, D] (any strides with a contiguous last dim) and lse [B, H, M] (contiguous fp32).
     ``block_n``: keys per block (default ``BLOCK_N`` of the head dim); ``consumers``: consumer warp groups, 2 or
-    3 (default ``CONSUMERS`` of the head dim, else 2).  ``consumer_regs`` / ``maxnreg``: registers per consumer
+    3 (default ``CONSUMERS`` of the head dim for more than 128 queries, else 2).  ``consumer_regs`` / ``maxnreg``: registers per consumer
     thread and at launch (default ``REGISTERS`` of the consumer count, one program per SM;
     ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape
@@ -306,7 +306,8 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     if block_n is None:
         block_n = BLOCK_N.get(head_d, 64)
     if consumers is None:
-        consumers = CONSUMERS.get(head_d, 2)
+        # Where one two-consumer program covers every row, a third warp group would only add idle rows.
+        consumers = CONSUMERS.get(head_d, 2) if n_queries > 2 * ROWS_PER_CONSUMER else 2
     default_regs, default_maxnreg = REGISTERS[consumers]
     consumer_regs = default_regs if consumer_regs is None else consumer_regs
     maxnreg = default_maxnreg if maxnreg is None else maxnreg

@@ -298,9 +298,9 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
     Writes out [B, H, M, D] (any strides with a contiguous last dim) and lse [B, H, M] (contiguous fp32).
     ``block_n``: keys per block (default ``BLOCK_N`` of the head dim); ``consumers``: consumer warp groups, 2 or
-    3 (default ``CONSUMERS`` of the head dim for more than 128 queries, else 2).  ``consumer_regs`` / ``maxnreg``: registers per consumer
-    thread and at launch (default ``REGISTERS`` of the consumer count, one program per SM;
-    ``benchmarks/explore_gluon_fwd.py`` tries others)."""
+    3 (default ``CONSUMERS`` of the head dim for more than 128 queries, else 2).  ``consumer_regs`` /
+    ``maxnreg``: registers per consumer thread and at launch (default ``REGISTERS`` of the consumer count, one
+    program per SM; ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     if block_n is None:

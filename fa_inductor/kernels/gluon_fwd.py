@@ -209,15 +209,14 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, st
     off_hk = off_h // group
     start_m = m_block * PROGRAM_M
 
-    # Keys [0, hi) are visible to some row of this block, keys [0, n_full * BLOCK_N) to all of them.
+    # Keys [0, hi) are visible to some row of this block.  Without a causal mask every row sees keys
+    # [0, n_full * BLOCK_N) in full; with one, each consumer works out its own n_full.
     hi = n_keys
-    full_hi = n_keys
     if HAS_RIGHT:
         hi = gl.minimum(hi, gl.maximum(start_m + PROGRAM_M + shift + right, 0))
-        full_hi = gl.minimum(full_hi, gl.maximum(start_m + shift + right + 1, 0))
     # At least one block, so that producer and consumers always meet: a block no row sees is all masked.
     n_iter = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
-    n_full = full_hi // BLOCK_N
+    n_full = n_keys // BLOCK_N
 
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)

@@ -198,9 +198,9 @@ BACKWARD_SHAPES = [
 @on_hopper
 def test_gpu_gluon_backward_matches_reference(shape, head_d, dtype):
     """Forward and backward against fp64 (``run_case``: out, LSE, dq, dk, dv within budget).  The forward runs
-    the Gluon kernel at its head dims (64, 128), else Triton; the backward runs Gluon passes at the head dims
-    listed for it (both passes, or with a causal mask the dQ pass after the Triton dK/dV pass), else Triton.
-    Head dim 256 takes the dK/dV kernel that splits its warp groups by role."""
+    the Gluon kernel at its head dims (``gluon_fwd.HEAD_DIMS``), else Triton; the backward runs Gluon passes at
+    the head dims listed for it (both passes, or with a causal mask the dQ pass after the Triton dK/dV pass), else
+    Triton.  Head dim 256 takes the dK/dV kernel that splits its warp groups by role."""
     assert shape[5] in CAUSAL
     before = (_counters()["gluon_forward"], _counters()["gluon_backward"])
     run_case(*shape[:5], head_d, head_d, dtype, "cuda", shape[5], shape[6])

@@ -42,18 +42,21 @@ WIDE = (112, 80)
 
 
 def parse_config(cfg):
-    """"128x2" -> (block_n 128, 2 stages, register budget, 2 consumer warp groups); "64x2w": the
-    two-programs-per-SM budget; "128x2c3": three consumer warp groups (192 query rows a program)."""
+    """"128x2" -> (block_n 128, 2 stages, register budget, 2 consumer warp groups, late row sums off); "64x2w":
+    the two-programs-per-SM budget; "128x2c3": three consumer warp groups (192 query rows a program); "128x2l":
+    the consumer loop that converts and sums P in the next iteration (``gluon_forward(late=True)``)."""
+    late = cfg.endswith("l")
+    cfg = cfg.rstrip("l")
     consumers = 2
     if "c" in cfg:
         cfg, consumers = cfg.split("c")[0], int(cfg.split("c")[1])
     wide = cfg.endswith("w")
     block_n, stages = (int(x) for x in cfg.rstrip("w").split("x"))
-    return block_n, stages, (WIDE if wide else REGISTERS[consumers]), consumers
+    return block_n, stages, (WIDE if wide else REGISTERS[consumers]), consumers, late
 
 
 def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, block_n, stages,
-          regs=REGISTERS[2], consumers=2):
+          regs=REGISTERS[2], consumers=2, late=False):
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def make(h, length):
@@ -67,7 +70,7 @@ def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, 
     right = 0 if causal else -1
     out = empty_output(q, v)
     lse = empty_lse(q)
-    gluon_forward(q, k, v, out, lse, scale, right, shift, block_n, stages, *regs, consumers=consumers)
+    gluon_forward(q, k, v, out, lse, scale, right, shift, block_n, stages, *regs, consumers=consumers, late=late)
     torch.cuda.synchronize()
     ref, ref_lse = reference(q, k, v, scale, right, shift)
     # PyTorch's own same-precision math attention, the error budget's yardstick.
@@ -88,7 +91,8 @@ def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, 
     lse_ok = bool((lse[~finite] == float("-inf")).all())
     ok = err <= 3 * max(math_err, 1e-3) and lse_err < 1e-3 and lse_ok and bool(torch.isfinite(out).all())
     print(f"{'ok ' if ok else 'BAD'} B={batch} H={heads}/{kv_heads} M={m} N={n} D={d} causal={causal} "
-          f"br={bottom_right} {layout} {str(dtype)[6:]} bn={block_n} st={stages} regs={regs[0]} c={consumers}: "
+          f"br={bottom_right} {layout} {str(dtype)[6:]} bn={block_n} st={stages} regs={regs[0]} c={consumers} "
+          f"late={late}: "
           f"err {err:.2e} "
           f"(math {math_err:.2e}) lse {lse_err:.1e}", flush=True)
     return ok
@@ -113,9 +117,9 @@ def bench(args):
                 scale = d ** -0.5
                 impls = {}
                 for cfg in args.configs:
-                    bn, st, regs, nc = parse_config(cfg)
-                    impls[f"gluon {cfg}"] = (lambda bn=bn, st=st, regs=regs, nc=nc: gluon_forward(
-                        q, k, v, out, lse, scale, 0 if causal else -1, 0, bn, st, *regs, consumers=nc))
+                    bn, st, regs, nc, late = parse_config(cfg)
+                    impls[f"gluon {cfg}"] = (lambda bn=bn, st=st, regs=regs, nc=nc, late=late: gluon_forward(
+                        q, k, v, out, lse, scale, 0 if causal else -1, 0, bn, st, *regs, consumers=nc, late=late))
                 impls["fa_inductor"] = lambda: torch.ops.fa_inductor.flash_attention_forward(q, k, v, scale, causal,
                                                                                              False)
                 def cudnn():
@@ -144,14 +148,15 @@ def main():
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--configs", nargs="+", default=["128x2"],
                    help="block_n x stages, e.g. 128x2; suffix w: the two-programs-per-SM register budget (64x2w); "
-                        "suffix c3: three consumer warp groups (128x2c3)")
+                        "suffix c3: three consumer warp groups (128x2c3); suffix l: late P conversion and row sums "
+                        "(128x2l)")
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     ok = True
     for cfg in args.configs:
-        bn, st, regs, nc = parse_config(cfg)
+        bn, st, regs, nc, late = parse_config(cfg)
         for d in args.head_dims:
             for (b, h, hk, m, n, causal, br, layout) in (
                     (2, 4, 4, 256, 256, False, False, "bhmd"),
@@ -163,7 +168,7 @@ def main():
                     (1, 2, 2, 64, 4096, True, True, "bmhd"),
                     (1, 2, 1, 1, 5, False, False, "bhmd")):
                 for dtype in ((torch.bfloat16, torch.float16) if m == 1000 else (torch.bfloat16,)):
-                    ok &= check(b, h, hk, m, n, d, causal, br, layout, dtype, bn, st, regs, nc)
+                    ok &= check(b, h, hk, m, n, d, causal, br, layout, dtype, bn, st, regs, nc, late)
     print("ALL OK" if ok else "SOME BAD", flush=True)
     if not args.check_only:
         bench(args)

@@ -152,15 +152,17 @@ def test_gpu_gluon_forward_matches_reference(shape, head_d, dtype):
         assert (out[~finite] == 0).all(), "rows that see no key must give 0"
 
 
-@pytest.mark.parametrize("head_d,consumers,block_n", [(64, 2, 128), (64, 3, 128), (128, 2, 128), (128, 3, 64),
-                                                      (256, 2, 64)])
+@pytest.mark.parametrize("head_d,consumers,block_n,late", [
+    (64, 2, 128, False), (64, 3, 128, False), (128, 2, 128, False), (128, 3, 64, False), (256, 2, 64, False),
+    (64, 2, 128, True), (128, 2, 128, True), (256, 2, 64, True)])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}-{s[6]}-{s[7]}")
 @pytest.mark.gpu
 @on_hopper
-def test_gpu_gluon_forward_kernel_tilings(shape, head_d, consumers, block_n):
+def test_gpu_gluon_forward_kernel_tilings(shape, head_d, consumers, block_n, late):
     """The forward kernel called directly with two and three consumer warp groups (128 / 192 query rows a
-    program), whichever the op routes to: output and LSE within budget of fp64 on every shape of the routed
-    test (tails of both tile sizes, GQA, both causal alignments, rows that see no key)."""
+    program) and with either consumer loop (``late``: P's bf16 copy and row sums and O's rescaling one iteration
+    later), whichever the op routes to: output and LSE within budget of fp64 on every shape of the routed test
+    (tails of both tile sizes, GQA, both causal alignments, rows that see no key)."""
     batch, heads, kv_heads, m, n, causal, bottom_right, layout = shape
     q, k, v = make_qkv(batch, heads, kv_heads, m, n, head_d, head_d, torch.bfloat16, "cuda", layout)
     scale = head_d ** -0.5
@@ -168,7 +170,7 @@ def test_gpu_gluon_forward_kernel_tilings(shape, head_d, consumers, block_n):
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
     shift = n - m if (causal and bottom_right) else 0
     gluon_fwd.gluon_forward(q, k, v, out, lse, scale, 0 if causal else -1, shift, block_n=block_n,
-                            consumers=consumers)
+                            consumers=consumers, late=late)
     ref = attention_ref(q, k, v, scale, causal, bottom_right)
     assert_within_budget("out", out, torch_math(q, k, v, scale, causal, bottom_right), ref, depth=n)
     ref_lse = lse_ref(q, k, v, scale, causal, bottom_right).to(lse.device)

@@ -13,7 +13,10 @@ consumer warp group (two or three, ``CONSUMERS``):
   block j + 1's scores S = Q K^T and block j's P V are issued together as asynchronous MMAs, and the softmax of
   block j + 1 runs while P V is still on the tensor cores; only then is the output rescaled.  The consumers are
   independent, so the warp schedulers fill one's softmax with the others' MMAs.  Under a causal mask each one
-  stops at the last key block its own rows see.
+  stops at the last key block its own rows see.  In the ``LATE`` form of the loop (non-causal calls at
+  ``LATE_HEAD_DIMS``) the row sums, the bf16 copy of P and the rescaling of O move after the issue of the next
+  S, so that a warp group has nothing left to do between P V's completion and its next MMAs: ptxas otherwise
+  schedules that work after the wait for P V (seen in the SASS).
 
 Scores are kept in log2 units (the scale times log2(e) folded into one multiply).  Only the key blocks that can
 hold an invisible score (the diagonal of a causal mask, the key tail) pay for mask arithmetic; rows that see no
@@ -34,7 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import LOG2E
 
-__all__ = ["BLOCK_N", "CONSUMERS", "HEAD_DIMS", "REGISTERS", "tma_compatible", "gluon_forward"]
+__all__ = ["BLOCK_N", "CONSUMERS", "HEAD_DIMS", "LATE_HEAD_DIMS", "REGISTERS", "tma_compatible", "gluon_forward"]
 
 HEAD_DIMS = (64, 128, 256)  # head dims the kernel is built and measured for (Q, K and V share it)
 # Key block per head dim: at 256, 128-key blocks spill registers; 64 keys with two stages fill shared memory.
@@ -43,6 +46,11 @@ BLOCK_N = {64: 128, 128: 128, 256: 64}
 # while the others run their exponentials (benchmarks/reference, "fifth pass"); at 128 and 256 the [64, head dim]
 # fp32 accumulator and a 128-key score tile do not fit the 160 registers a thread that three leave.
 CONSUMERS = {64: 3}
+# Head dims whose non-causal calls take the consumer loop with late P conversion, row sums and O rescaling
+# (``LATE`` below): 1-2 % faster there on the H100 (benchmarks/reference, "sixth pass"); under a causal mask it
+# was not faster, and its causal d128 form spills registers inside the loop.  Three consumers cannot hold p in
+# fp32 across the loop edge, so head dim 64 keeps the plain loop.
+LATE_HEAD_DIMS = (128, 256)
 
 # Triton 3.9 renamed the TMA load; 3.5 - 3.8 only know the old name.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -64,8 +72,10 @@ def _mma_layout(n):
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, masked, HAS_RIGHT: gl.constexpr):
-    """Online-softmax update for one score tile ``s`` (raw Q K^T products): (p, m_new, l_new, alpha)."""
+def _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, masked, HAS_RIGHT: gl.constexpr,
+                  ROW_SUM: gl.constexpr = True):
+    """Online-softmax update for one score tile ``s`` (raw Q K^T products): (p, m_new, l_new, alpha).  Without
+    ``ROW_SUM`` l is returned as it came (the caller adds the row sums of p later)."""
     if masked:
         keep = gl.expand_dims(cols, 0) < n_keys
         if HAS_RIGHT:
@@ -81,7 +91,8 @@ def _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, maske
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
         alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, 1)
+    if ROW_SUM:
+        l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
 
 
@@ -89,7 +100,7 @@ def _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, maske
 def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
               start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_iter, n_full,
               HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
-              WG: gl.constexpr):
+              WG: gl.constexpr, LATE: gl.constexpr = False):
     s_layout: gl.constexpr = _mma_layout(BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(HEAD_D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -121,29 +132,57 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
     s = warpgroup_mma_wait(0, deps=[s_tok])
     mbarrier.arrive(k_empty.index(0), count=1)
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, n_full <= 0,
-                                       HAS_RIGHT)
-    p = gl.convert_layout(p.to(dtype), p_layout)
+                                       HAS_RIGHT, not LATE)
 
-    # Invariant at the top of iteration i: p holds block i's probabilities, acc is scaled to block i's maximum.
-    for i in range(0, n_own - 1):
-        j = i + 1
-        stage_j = j % STAGES
-        stage_i = i % STAGES
-        mbarrier.wait(k_ready.index(stage_j), (j // STAGES) & 1)
-        s_tok = warpgroup_mma(q, k_bufs.index(stage_j).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_init,
-                              use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(stage_i), (i // STAGES) & 1)
-        acc_tok = warpgroup_mma(p, v_bufs.index(stage_i).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
-        # MMA groups retire in order: with one left in flight, block j's scores are done, P V may not be.
-        s = warpgroup_mma_wait(1, deps=[s_tok])
-        mbarrier.arrive(k_empty.index(stage_j), count=1)
-        p_next, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N + cols, n_keys, shift, right,
-                                                qk_scale, j >= n_full, HAS_RIGHT)
-        p_next = gl.convert_layout(p_next.to(dtype), p_layout)
-        acc, p = warpgroup_mma_wait(0, deps=[acc_tok, p])
-        mbarrier.arrive(v_empty.index(stage_i), count=1)
+    if LATE:
+        # Everything a block's P V needs that does not need the tensor cores (p's bf16 copy, its row sums, O
+        # rescaled by alpha) is done in the next iteration, after S = Q K^T of the block after it is issued: the
+        # warp group then waits for P V with nothing left to do but loop.  p stays fp32 across the loop edge.
+        # Invariant at the top of iteration i: p and alpha are block i's, acc is scaled to block i - 1's maximum
+        # (alpha = 0 for block 0, so O's zeros stay zeros).
+        for i in range(0, n_own - 1):
+            j = i + 1
+            stage_j = j % STAGES
+            stage_i = i % STAGES
+            mbarrier.wait(k_ready.index(stage_j), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(q, k_bufs.index(stage_j).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_init,
+                                  use_acc=False, is_async=True)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p16 = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(stage_i), (i // STAGES) & 1)
+            acc_tok = warpgroup_mma(p16, v_bufs.index(stage_i).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            s = warpgroup_mma_wait(1, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(stage_j), count=1)
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N + cols, n_keys, shift, right, qk_scale,
+                                               j >= n_full, HAS_RIGHT, False)
+            acc, p16 = warpgroup_mma_wait(0, deps=[acc_tok, p16])
+            mbarrier.arrive(v_empty.index(stage_i), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        p = p_next
+        l_i = l_i * alpha + gl.sum(p, 1)
+        p = gl.convert_layout(p.to(dtype), p_layout)
+    else:
+        p = gl.convert_layout(p.to(dtype), p_layout)
+        # Invariant at the top of iteration i: p holds block i's probabilities, acc is scaled to block i's maximum.
+        for i in range(0, n_own - 1):
+            j = i + 1
+            stage_j = j % STAGES
+            stage_i = i % STAGES
+            mbarrier.wait(k_ready.index(stage_j), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(q, k_bufs.index(stage_j).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_init,
+                                  use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(stage_i), (i // STAGES) & 1)
+            acc_tok = warpgroup_mma(p, v_bufs.index(stage_i).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+            # MMA groups retire in order: with one left in flight, block j's scores are done, P V may not be.
+            s = warpgroup_mma_wait(1, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(stage_j), count=1)
+            p_next, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N + cols, n_keys, shift, right,
+                                                    qk_scale, j >= n_full, HAS_RIGHT)
+            p_next = gl.convert_layout(p_next.to(dtype), p_layout)
+            acc, p = warpgroup_mma_wait(0, deps=[acc_tok, p])
+            mbarrier.arrive(v_empty.index(stage_i), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p = p_next
 
     last = n_own - 1
     stage_l = last % STAGES
@@ -196,7 +235,8 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_
 def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, stride_om, n_heads, group, n_queries,
                       n_keys, n_m_blocks, shift, right, qk_scale,
                       HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2):
+                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2,
+                      LATE: gl.constexpr = False):
     PROGRAM_M: gl.constexpr = CONSUMERS * WG_M
     pid = gl.program_id(0)
     bh = pid // n_m_blocks
@@ -241,10 +281,10 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, st
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
                          bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0)),
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0, LATE)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
                          bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1)),
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1, LATE)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
                          off_b, off_h, off_hk, start_m, n_iter, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -252,13 +292,13 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, st
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
                          bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0)),
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0, LATE)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
                          bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1)),
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1, LATE)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
                          bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 2)),
+                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 2, LATE)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
                          off_b, off_h, off_hk, start_m, n_iter, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
@@ -291,13 +331,15 @@ def _descriptor(x, rows: int):
 
 def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int, block_n: int | None = None,
                   stages: int = 2, consumer_regs: int | None = None, maxnreg: int | None = None,
-                  consumers: int | None = None):
+                  consumers: int | None = None, late: bool | None = None):
     """Launch the kernel.  q [B, H, M, D], k / v [B, HK, N, D] (16-bit, last dim contiguous, TMA-aligned);
     ``causal_right`` < 0: no causal mask, else key j is visible to row i iff j <= i + shift + causal_right.
     Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
     Writes out [B, H, M, D] (any strides with a contiguous last dim) and lse [B, H, M] (contiguous fp32).
     ``block_n``: keys per block (default ``BLOCK_N`` of the head dim); ``consumers``: consumer warp groups, 2 or
-    3 (default ``CONSUMERS`` of the head dim for more than 128 queries, else 2).  ``consumer_regs`` /
+    3 (default ``CONSUMERS`` of the head dim for more than 128 queries, else 2); ``late``: the consumer loop that
+    converts and sums P and rescales O in the next iteration (default: non-causal calls at ``LATE_HEAD_DIMS``
+    with two consumers).  ``consumer_regs`` /
     ``maxnreg``: registers per consumer thread and at launch (default ``REGISTERS`` of the consumer count, one
     program per SM; ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape
@@ -307,6 +349,8 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     if consumers is None:
         # Where one two-consumer program covers every row, a third warp group would only add idle rows.
         consumers = CONSUMERS.get(head_d, 2) if n_queries > 2 * ROWS_PER_CONSUMER else 2
+    if late is None:
+        late = causal_right < 0 and head_d in LATE_HEAD_DIMS and consumers == 2
     default_regs, default_maxnreg = REGISTERS[consumers]
     consumer_regs = default_regs if consumer_regs is None else consumer_regs
     maxnreg = default_maxnreg if maxnreg is None else maxnreg
@@ -317,4 +361,4 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
         out.stride(0), out.stride(1), out.stride(2), heads, heads // kv_heads, n_queries, n_keys, n_m_blocks,
         shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E,
         HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=consumer_regs,
-        PRODUCER_REGS=24, CONSUMERS=consumers, num_warps=4, maxnreg=maxnreg)
+        PRODUCER_REGS=24, CONSUMERS=consumers, LATE=late, num_warps=4, maxnreg=maxnreg)

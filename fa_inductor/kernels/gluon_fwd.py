@@ -97,6 +97,16 @@ def _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, maske
 
 
 @gluon.jit
+def _issue_scores(q, k_bufs, k_ready, j, s_init, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
+    """Wait for key block j to land and issue its S = Q K^T as an asynchronous MMA: (ring stage, MMA token)."""
+    stage = j % STAGES
+    mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+    s_tok = warpgroup_mma(q, k_bufs.index(stage).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_init, use_acc=False,
+                          is_async=True)
+    return stage, s_tok
+
+
+@gluon.jit
 def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
               start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_iter, n_full,
               HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
@@ -126,11 +136,9 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
 
     mbarrier.wait(q_bar, 0)
     # Block 0's scores and probabilities.
-    mbarrier.wait(k_ready.index(0), 0)
-    s_tok = warpgroup_mma(q, k_bufs.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_init, use_acc=False,
-                          is_async=True)
+    stage_0, s_tok = _issue_scores(q, k_bufs, k_ready, 0, s_init, BLOCK_N, HEAD_D, STAGES)
     s = warpgroup_mma_wait(0, deps=[s_tok])
-    mbarrier.arrive(k_empty.index(0), count=1)
+    mbarrier.arrive(k_empty.index(stage_0), count=1)
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, n_full <= 0,
                                        HAS_RIGHT, not LATE)
 
@@ -142,11 +150,8 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
         # (alpha = 0 for block 0, so O's zeros stay zeros).
         for i in range(0, n_own - 1):
             j = i + 1
-            stage_j = j % STAGES
             stage_i = i % STAGES
-            mbarrier.wait(k_ready.index(stage_j), (j // STAGES) & 1)
-            s_tok = warpgroup_mma(q, k_bufs.index(stage_j).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_init,
-                                  use_acc=False, is_async=True)
+            stage_j, s_tok = _issue_scores(q, k_bufs, k_ready, j, s_init, BLOCK_N, HEAD_D, STAGES)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p16 = gl.convert_layout(p.to(dtype), p_layout)
             mbarrier.wait(v_ready.index(stage_i), (i // STAGES) & 1)
@@ -166,11 +171,8 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
         # Invariant at the top of iteration i: p holds block i's probabilities, acc is scaled to block i's maximum.
         for i in range(0, n_own - 1):
             j = i + 1
-            stage_j = j % STAGES
             stage_i = i % STAGES
-            mbarrier.wait(k_ready.index(stage_j), (j // STAGES) & 1)
-            s_tok = warpgroup_mma(q, k_bufs.index(stage_j).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_init,
-                                  use_acc=False, is_async=True)
+            stage_j, s_tok = _issue_scores(q, k_bufs, k_ready, j, s_init, BLOCK_N, HEAD_D, STAGES)
             mbarrier.wait(v_ready.index(stage_i), (i // STAGES) & 1)
             acc_tok = warpgroup_mma(p, v_bufs.index(stage_i).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
             # MMA groups retire in order: with one left in flight, block j's scores are done, P V may not be.

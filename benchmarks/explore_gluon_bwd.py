@@ -6,7 +6,9 @@ the Triton kernels, against SDPA-cuDNN.
 For each ``bench_attention.py`` shape (16k tokens, model dim 2048) it times the whole backward (preprocess, dK/dV,
 dQ) for: Triton dK/dV + Triton dQ (the portable path), Gluon dK/dV + Triton dQ, and Gluon dK/dV + Gluon dQ and
 Triton dK/dV + Gluon dQ with each dQ key block and ring depth given; each variant's gradients are compared with
-the Triton path's first.  All variants of a shape are timed in interleaved rounds (medians).
+the Triton path's first.  All variants of a shape are timed in interleaved rounds (medians).  ``--order-ab`` adds
+each variant with its programs ordered one head at a time (the order before ``common.head_group``), ``--only``
+keeps the named variants, ``--causal yes|no`` one kind of call.
 """
 
 from __future__ import annotations
@@ -18,12 +20,25 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from fa_inductor.kernels import op
+from fa_inductor.kernels import common, op
 from fa_inductor.kernels.common import dot_options
 from fa_inductor.kernels.configs import Direction
 from fa_inductor.kernels.flash_bwd import flash_backward
 from fa_inductor.kernels.gluon_bwd import gluon_backward_kv, gluon_backward_q
 from fa_inductor.kernels.masking import MaskSpec
+
+
+def one_head_at_a_time(fn):
+    """``fn`` with every launch's programs ordered one head at a time (``common.head_group`` capped at 1): the
+    order before heads were interleaved under a causal mask."""
+    def run():
+        saved = common.MAX_HEAD_GROUP
+        common.MAX_HEAD_GROUP = 1
+        try:
+            fn()
+        finally:
+            common.MAX_HEAD_GROUP = saved
+    return run
 
 
 def variants(q, k, v, do, out, lse, scale, causal, args):
@@ -52,6 +67,9 @@ def variants(q, k, v, do, out, lse, scale, causal, args):
             result[f"triton kv + gluon q{block} s{stages}"] = make(None, qp(block, stages))
             for consumers in args.dq_consumers:
                 result[f"triton kv + gluon q{block} s{stages} c{consumers}"] = make(None, qp(block, stages, consumers))
+    if args.order_ab:
+        for name in list(result):
+            result[name + " g1"] = one_head_at_a_time(result[name])
     return result, grads
 
 
@@ -65,12 +83,16 @@ def main():
     p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--group", type=int, default=1, help="query heads per key head (GQA)")
+    p.add_argument("--order-ab", action="store_true",
+                   help="also time every variant with its programs one head at a time (suffix g1)")
+    p.add_argument("--only", nargs="*", default=None, help="time only these variants (names as printed)")
+    p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     args = p.parse_args()
     for d in args.head_dims:
         heads = 2048 // d
         for length in args.seqlens:
             batch = max(1, 16384 // length)
-            for causal in (False, True):
+            for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
                 q, do = (torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16)
                          for _ in range(2))
                 k, v = (torch.randn(batch, heads // args.group, length, d, device="cuda", dtype=torch.bfloat16)
@@ -78,6 +100,8 @@ def main():
                 scale = d ** -0.5
                 out, lse = torch.ops.fa_inductor.flash_attention_forward(q, k, v, scale, causal, False)
                 impls, grads = variants(q, k, v, do, out, lse, scale, causal, args)
+                if args.only is not None:
+                    impls = {name: fn for name, fn in impls.items() if name in args.only or name == "triton"}
                 impls["triton"]()
                 reference = [g.clone() for g in grads]
                 errors = {}

@@ -11,6 +11,7 @@ the same process and interleaved over ``--rounds`` rounds (medians reported).
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 
 import torch
@@ -41,22 +42,28 @@ def reference(q, k, v, scale, causal_right, shift):
 WIDE = (112, 80)
 
 
+CONFIG = re.compile(r"^(\d+)x(\d+)(w?)(?:c(\d))?(l?)(p?)(?:g(\d+))?$")
+
+
 def parse_config(cfg):
-    """"128x2" -> (block_n 128, 2 stages, register budget, 2 consumer warp groups, late row sums off); "64x2w":
-    the two-programs-per-SM budget; "128x2c3": three consumer warp groups (192 query rows a program); "128x2l":
-    the consumer loop that converts and sums P in the next iteration (``gluon_forward(late=True)``)."""
-    late = cfg.endswith("l")
-    cfg = cfg.rstrip("l")
-    consumers = 2
-    if "c" in cfg:
-        cfg, consumers = cfg.split("c")[0], int(cfg.split("c")[1])
-    wide = cfg.endswith("w")
-    block_n, stages = (int(x) for x in cfg.rstrip("w").split("x"))
-    return block_n, stages, (WIDE if wide else REGISTERS[consumers]), consumers, late
+    """A config name -> keyword arguments of ``gluon_forward``.  "128x2": block_n 128, 2 stages, the register
+    budget of the consumer count, 2 consumer warp groups, every other choice the launcher's default.  Suffixes, in
+    this order: "w" the two-programs-per-SM budget; "c3" three consumer warp groups (192 query rows a program);
+    "l" the consumer loop that converts and sums P in the next iteration (``late=True``); "p" a persistent grid
+    (``persistent=True``); "g4" four heads interleaved (``group_heads=4``; "g1" is the one-head-at-a-time
+    order).  Without "l" / "p" the late loop and persistence are off."""
+    match = CONFIG.match(cfg)
+    if match is None:
+        raise SystemExit(f"bad config {cfg!r}")
+    block_n, stages, wide, consumers, late, persistent, group = match.groups()
+    consumers = int(consumers or 2)
+    regs = WIDE if wide else REGISTERS[consumers]
+    return dict(block_n=int(block_n), stages=int(stages), consumer_regs=regs[0], maxnreg=regs[1],
+                consumers=consumers, late=bool(late), persistent=bool(persistent),
+                group_heads=int(group) if group else None)
 
 
-def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, block_n, stages,
-          regs=REGISTERS[2], consumers=2, late=False):
+def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, config):
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def make(h, length):
@@ -70,7 +77,7 @@ def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, 
     right = 0 if causal else -1
     out = empty_output(q, v)
     lse = empty_lse(q)
-    gluon_forward(q, k, v, out, lse, scale, right, shift, block_n, stages, *regs, consumers=consumers, late=late)
+    gluon_forward(q, k, v, out, lse, scale, right, shift, **config)
     torch.cuda.synchronize()
     ref, ref_lse = reference(q, k, v, scale, right, shift)
     # PyTorch's own same-precision math attention, the error budget's yardstick.
@@ -91,8 +98,7 @@ def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, 
     lse_ok = bool((lse[~finite] == float("-inf")).all())
     ok = err <= 3 * max(math_err, 1e-3) and lse_err < 1e-3 and lse_ok and bool(torch.isfinite(out).all())
     print(f"{'ok ' if ok else 'BAD'} B={batch} H={heads}/{kv_heads} M={m} N={n} D={d} causal={causal} "
-          f"br={bottom_right} {layout} {str(dtype)[6:]} bn={block_n} st={stages} regs={regs[0]} c={consumers} "
-          f"late={late}: "
+          f"br={bottom_right} {layout} {str(dtype)[6:]} {config}: "
           f"err {err:.2e} "
           f"(math {math_err:.2e}) lse {lse_err:.1e}", flush=True)
     return ok
@@ -117,9 +123,8 @@ def bench(args):
                 scale = d ** -0.5
                 impls = {}
                 for cfg in args.configs:
-                    bn, st, regs, nc, late = parse_config(cfg)
-                    impls[f"gluon {cfg}"] = (lambda bn=bn, st=st, regs=regs, nc=nc, late=late: gluon_forward(
-                        q, k, v, out, lse, scale, 0 if causal else -1, 0, bn, st, *regs, consumers=nc, late=late))
+                    impls[f"gluon {cfg}"] = (lambda kw=parse_config(cfg): gluon_forward(
+                        q, k, v, out, lse, scale, 0 if causal else -1, 0, **kw))
                 impls["fa_inductor"] = lambda: torch.ops.fa_inductor.flash_attention_forward(q, k, v, scale, causal,
                                                                                              False)
                 def cudnn():
@@ -147,16 +152,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--configs", nargs="+", default=["128x2"],
-                   help="block_n x stages, e.g. 128x2; suffix w: the two-programs-per-SM register budget (64x2w); "
-                        "suffix c3: three consumer warp groups (128x2c3); suffix l: late P conversion and row sums "
-                        "(128x2l)")
+                   help="block_n x stages, e.g. 128x2, then optional suffixes (see parse_config): w, c3, l, p, "
+                        "g<heads>, e.g. 128x2lp or 128x2c3g1")
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     ok = True
     for cfg in args.configs:
-        bn, st, regs, nc, late = parse_config(cfg)
+        config = parse_config(cfg)
         for d in args.head_dims:
             for (b, h, hk, m, n, causal, br, layout) in (
                     (2, 4, 4, 256, 256, False, False, "bhmd"),
@@ -166,9 +170,12 @@ def main():
                     (2, 3, 1, 129, 65, False, False, "bhmd"),
                     (1, 2, 2, 700, 600, True, False, "bhmd"),
                     (1, 2, 2, 64, 4096, True, True, "bmhd"),
-                    (1, 2, 1, 1, 5, False, False, "bhmd")):
+                    (1, 2, 1, 1, 5, False, False, "bhmd"),
+                    # More tiles than SMs: a persistent program runs several, its ring running on across them.
+                    (4, 16, 4, 1000, 1000, False, False, "bmhd"),
+                    (4, 16, 4, 1000, 1000, True, False, "bhmd")):
                 for dtype in ((torch.bfloat16, torch.float16) if m == 1000 else (torch.bfloat16,)):
-                    ok &= check(b, h, hk, m, n, d, causal, br, layout, dtype, bn, st, regs, nc, late)
+                    ok &= check(b, h, hk, m, n, d, causal, br, layout, dtype, config)
     print("ALL OK" if ok else "SOME BAD", flush=True)
     if not args.check_only:
         bench(args)

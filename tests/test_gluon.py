@@ -179,6 +179,32 @@ def test_gpu_gluon_forward_kernel_tilings(shape, head_d, consumers, block_n, lat
     torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head_d,consumers,late", [(64, 3, False), (128, 2, True), (128, 2, False), (256, 2, True)])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}-{s[6]}-{s[7]}")
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_gluon_forward_persistent_and_grouped(shape, head_d, consumers, late):
+    """The forward's tile schedules: a persistent grid of 5 programs (so every program runs several tiles, its
+    K / V ring and Q buffer carried across them, with tiles of different lengths under a causal mask), and a
+    program per tile with heads interleaved 3 at a time (a partial last group on most shapes)."""
+    batch, heads, kv_heads, m, n, causal, bottom_right, layout = shape
+    q, k, v = make_qkv(batch, heads, kv_heads, m, n, head_d, head_d, torch.bfloat16, "cuda", layout)
+    scale = head_d ** -0.5
+    shift = n - m if (causal and bottom_right) else 0
+    ref = attention_ref(q, k, v, scale, causal, bottom_right)
+    theirs = torch_math(q, k, v, scale, causal, bottom_right)
+    ref_lse = lse_ref(q, k, v, scale, causal, bottom_right).to(q.device)
+    finite = torch.isfinite(ref_lse)
+    for schedule in (dict(persistent=True, programs=5), dict(persistent=False, group_heads=3)):
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+        gluon_fwd.gluon_forward(q, k, v, out, lse, scale, 0 if causal else -1, shift, consumers=consumers,
+                                late=late, **schedule)
+        assert_within_budget(f"out {schedule}", out, theirs, ref, depth=n)
+        assert (lse[~finite] == float("-inf")).all()
+        torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)
+
+
 BACKWARD_SHAPES = [
     # batch, heads, kv_heads, M, N, causal, layout
     (2, 4, 4, 256, 256, "none", "bhld"),

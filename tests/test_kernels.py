@@ -10,8 +10,11 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fa_inductor  # noqa: F401  (registers the ops)
+from fa_inductor.kernels.common import GROUP_L2_BYTES, MAX_HEAD_GROUP, head_group, tile_coords
 from attention_ref import assert_within_budget, attention_ref, max_err, torch_math
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -252,3 +255,44 @@ def test_gpu_opcheck():
         torch.library.opcheck(torch.ops.fa_inductor.flash_attention_forward.default,
                               (q, k, v, 0.125, is_causal, bottom_right))
 
+
+
+# --- program order -----------------------------------------------------------------------------------------
+
+@triton.jit
+def _order_kernel(Out, n_blocks, n_bh, group, REVERSE: tl.constexpr):
+    pid = tl.program_id(0)
+    bh, block = tile_coords(pid, n_blocks, n_bh, group, REVERSE)
+    tl.store(Out + 2 * pid, bh)
+    tl.store(Out + 2 * pid + 1, block)
+
+
+@pytest.mark.parametrize("n_blocks,n_bh,group,reverse", [(5, 7, 3, True), (4, 6, 1, True), (3, 8, 8, False),
+                                                         (6, 5, 8, True), (1, 4, 2, False)])
+def test_tile_coords_is_a_permutation_in_grouped_order(n_blocks, n_bh, group, reverse):
+    """``common.tile_coords`` (the program order of every forward and backward kernel) visits each (head, block)
+    once, keeps heads in groups of ``group`` (the last one partial), and within a group goes block-major: with
+    ``reverse`` (causal, longest rows first) from the last block down."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.full((n_blocks * n_bh, 2), -1, dtype=torch.int32, device=device)
+    _order_kernel[(n_blocks * n_bh,)](out, n_blocks, n_bh, group, REVERSE=reverse)
+    pairs = [tuple(p) for p in out.cpu().tolist()]
+    assert sorted(pairs) == [(h, b) for h in range(n_bh) for b in range(n_blocks)]
+    expected = []
+    for first in range(0, n_bh, group):
+        heads = range(first, min(n_bh, first + group))
+        for rank in range(n_blocks):
+            expected += [(h, n_blocks - 1 - rank if reverse else rank) for h in heads]
+    assert pairs == expected
+
+
+def test_head_group_choice():
+    assert head_group(False, 1 << 20) == 1, "without a causal mask the tiles are equal: one head at a time"
+    assert head_group(True, 1 << 20) == MAX_HEAD_GROUP
+    assert head_group(True, GROUP_L2_BYTES // 2) == 2
+    assert head_group(True, 4 * GROUP_L2_BYTES) == 1
+
+    class Symbolic:  # stands for a SymInt: not an int, so no length is read (and no guard added)
+        pass
+
+    assert head_group(True, Symbolic()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 
@@ -11,7 +12,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["LOG2E", "LOG2E_JIT", "launch", "direct_launches", "divides", "is_interpreted", "dot_options", "mma",
-           "round_to", "empty_output", "empty_lse"]
+           "round_to", "empty_output", "empty_lse", "sm_count", "head_group", "tile_coords"]
 
 LOG2E = math.log2(math.e)
 # The same constant for use inside @triton.jit functions (Triton reads only constexpr globals).
@@ -51,6 +52,51 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
     else:
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read once per device index)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# L2 bytes that the K and V of one group of heads (``head_group``) may take: a sixth of the H100's 50 MB (two
+# halves of 25 MB), so that the tiles in flight re-read K and V from L2.
+GROUP_L2_BYTES = 8 << 20
+MAX_HEAD_GROUP = 8
+
+
+def head_group(causal: bool, bytes_per_head) -> int:
+    """How many heads a causal forward or dQ launch interleaves (``tile_coords``).  Under a causal mask the tiles
+    of a head differ in length and go longest first; with one head at a time the last head's long tiles start
+    near the end of the launch and leave the other SMs idle while they finish (a tail of 3-7 % at 4k tokens in a
+    list-scheduling model of the H100's 132 SMs).  Taking the tiles of several heads block-major puts the short
+    ones last.  The tiles of a head all read its K and V from the first key on, so a group's K / V
+    (``bytes_per_head`` each) is what L2 must hold: it is capped at ``GROUP_L2_BYTES``.  Without a causal mask,
+    or with a symbolic length (no guard is added), heads go one at a time.  (The dK/dV passes keep one head at a
+    time: their programs read Q and dO from different rows at once, and interleaved heads overflowed L2.)"""
+    if not causal or not isinstance(bytes_per_head, int) or bytes_per_head <= 0:
+        return 1
+    return max(1, min(MAX_HEAD_GROUP, GROUP_L2_BYTES // bytes_per_head))
+
+
+@triton.jit
+def tile_coords(tile, n_blocks, n_bh, head_group, REVERSE: tl.constexpr):
+    """(head index, block index) of the ``tile``-th program: heads taken ``head_group`` at a time and block-major
+    within a group; ``REVERSE`` counts blocks from the last (``head_group``)."""
+    per_group = head_group * n_blocks
+    grp = tile // per_group
+    rem = tile % per_group
+    in_group = tl.minimum(head_group, n_bh - grp * head_group)
+    bh = grp * head_group + rem % in_group
+    block = rem // in_group
+    if REVERSE:
+        block = n_blocks - 1 - block
+    return bh, block
 
 
 def divides(block: int, n) -> bool:

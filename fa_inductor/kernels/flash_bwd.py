@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E_JIT, divides, launch, mma, round_to
+from .common import LOG2E_JIT, divides, head_group, launch, mma, round_to, tile_coords
 from .configs import padded_head_dim
 from .masking import kernel_arguments, sparse_masked
 from .rng import philox_keep
@@ -237,6 +237,9 @@ def _bwd_kv_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)
     cap = tl.cast(cap, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
+    # Key blocks of one head adjacent in launch order (under a causal mask the first are the longest).  Unlike
+    # the forward and dQ passes, heads are not interleaved (``common.head_group``): these programs read their
+    # head's Q and dO from different rows at once, and more heads in flight overflowed L2 (benchmarks/reference).
     pid = tl.program_id(0)
     bhk = pid // n_n_blocks
     start_n = (pid % n_n_blocks) * BLOCK_N
@@ -414,7 +417,8 @@ def _bwd_q_kernel(
     stride_sb, stride_sh, stride_sq,
     stride_kbb, stride_kbh,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    n_heads, group, n_queries, n_keys, n_m_blocks, left, right, qk_scale, cap, threshold, drop_scale,
+    n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, left, right, qk_scale, cap, threshold,
+    drop_scale,
     n_sparse_cols, scale, lo_offset,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
@@ -432,11 +436,7 @@ def _bwd_q_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)
     cap = tl.cast(cap, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
-    pid = tl.program_id(0)
-    bh = pid // n_m_blocks
-    m_block = pid % n_m_blocks
-    if HAS_RIGHT and not HAS_LEFT:
-        m_block = n_m_blocks - 1 - m_block
+    bh, m_block = tile_coords(tl.program_id(0), n_m_blocks, n_bh, head_group, HAS_RIGHT and not HAS_LEFT)
     off_b = (bh // n_heads).to(tl.int64)
     off_h = (bh % n_heads).to(tl.int64)
     off_hk = off_h // group
@@ -590,7 +590,9 @@ def flash_backward(grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, dbias, sca
         q, k, v, grad_out, lse_units, delta, dq, *q_args.tensors, dbias_t,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         *q_args.bias_strides, *q_args.sparse_strides, *q_args.bounds_strides, *dbias_strides,
-        heads, heads // kv_heads, n_queries, n_keys, n_m_blocks, *q_args.scalars, scale, lo_offset,
+        heads, heads // kv_heads, n_queries, n_keys, n_m_blocks, batch * heads,
+        head_group(q_args.flags["HAS_RIGHT"] and not q_args.flags["HAS_LEFT"],
+                   n_keys * (head_d + head_dv) * k.element_size()), *q_args.scalars, scale, lo_offset,
         BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, EVEN_M=divides(cfg_q.block_m, n_queries),
         SPARSE_MASKED=sparse_masked(spec, n_keys, max(q_args.flags["SPARSE_BLOCK"], 1)),
         BIAS_GRAD=dbias is not None, **layout, **q_args.flags, **common, **cfg_q.launch_options(),

@@ -18,13 +18,11 @@ the FA2 backward: it needs only ``out`` and ``lse``, which are the same.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E_JIT, launch, mma
+from .common import LOG2E_JIT, launch, mma, sm_count
 from .configs import padded_head_dim
 from .masking import bias_strides
 from .tile import tanh
@@ -163,17 +161,11 @@ def eligible(q: torch.Tensor, k: torch.Tensor, spec) -> bool:
             and not spec.has_dropout)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _splits(device: torch.device, programs, n_keys, block_n: int):
     """(chunk, n_splits, max_splits): about PROGRAMS_PER_SM programs per SM, each chunk a whole number of key
     blocks, and a static bound on n_splits (the combine kernel's tile).  Symbolic lengths or batch sizes
     (dynamic shapes) stay symbolic: no guard, no recompilation as the cache grows."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    sms = sm_count(device) if device.type == "cuda" else 4
     target = PROGRAMS_PER_SM * sms
     wanted = -(-target // programs) if isinstance(programs, int) else target
     max_splits = triton.next_power_of_2(max(1, min(wanted, MAX_SPLITS)))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LOG2E_JIT, divides, launch, mma, round_to
+from .common import LOG2E_JIT, divides, head_group, launch, mma, round_to, tile_coords
 from .configs import padded_head_dim
 from .masking import kernel_arguments, sparse_masked
 from .rng import philox_keep
@@ -154,8 +154,8 @@ def _flash_fwd_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_sb, stride_sh, stride_sq,
     stride_kbb, stride_kbh,
-    n_heads, group, n_queries, n_keys, n_m_blocks, left, right, qk_scale, cap, threshold, drop_scale,
-    n_sparse_cols,
+    n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, left, right, qk_scale, cap, threshold,
+    drop_scale, n_sparse_cols,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SEQ_Q: tl.constexpr, HAS_SEQ_K: tl.constexpr, BIAS: tl.constexpr,
@@ -174,13 +174,10 @@ def _flash_fwd_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     cap = tl.cast(cap, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
-    # One flat grid axis (no 65535 limit): query blocks of one head are adjacent in launch order, so the
-    # programs running together share K/V in L2.  Causal: the longest rows (last query blocks) go first.
-    pid = tl.program_id(0)
-    bh = pid // n_m_blocks
-    m_block = pid % n_m_blocks
-    if HAS_RIGHT and not HAS_LEFT:
-        m_block = n_m_blocks - 1 - m_block
+    # One flat grid axis (no 65535 limit): query blocks of one head (or of a small group of heads,
+    # ``common.head_group``) are adjacent in launch order, so the programs running together share K/V in L2.
+    # Causal: the longest rows (last query blocks) go first.
+    bh, m_block = tile_coords(tl.program_id(0), n_m_blocks, n_bh, head_group, HAS_RIGHT and not HAS_LEFT)
     off_b = (bh // n_heads).to(tl.int64)
     off_h = (bh % n_heads).to(tl.int64)
     off_hk = off_h // group
@@ -299,12 +296,14 @@ def flash_forward(q, k, v, out, lse, scale: float, spec, cfg, dot: dict):
     n_m_blocks = triton.cdiv(n_queries, cfg.block_m)
     grid = (n_m_blocks * batch * heads,)
     args = kernel_arguments(q, spec, scale).with_block_lists(spec, rows=True)
+    group = head_group(args.flags["HAS_RIGHT"] and not args.flags["HAS_LEFT"],
+                       n_keys * (head_d + head_dv) * k.element_size())
     launch(
         _flash_fwd_kernel, grid,
         q, k, v, out, lse, *args.tensors,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *args.bias_strides, *args.sparse_strides,
         *args.bounds_strides,
-        heads, heads // kv_heads, n_queries, n_keys, n_m_blocks, *args.scalars,
+        heads, heads // kv_heads, n_queries, n_keys, n_m_blocks, batch * heads, group, *args.scalars,
         HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=padded_head_dim(head_d), BLOCK_DV=padded_head_dim(head_dv), **args.flags,
         SPARSE_MASKED=sparse_masked(spec, n_keys, max(args.flags["SPARSE_BLOCK"], 1)), FOLD_SCALE=scale >= 0,

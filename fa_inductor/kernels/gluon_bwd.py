@@ -39,7 +39,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from .common import LOG2E
+from .common import LOG2E, head_group, tile_coords
 from .gluon_fwd import REGISTERS, _descriptor, _mma_layout, _tma_load
 
 __all__ = ["gluon_backward_kv", "gluon_backward_q"]
@@ -75,7 +75,8 @@ def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr, RES
 @gluon.jit
 def _kv_program(n_n_blocks, kv_heads, n_queries, shift, right, KEYS: gl.constexpr, HAS_RIGHT: gl.constexpr):
     """What a dK/dV program owns: keys [start_n, start_n + KEYS) of key head (off_b, off_hk), and the query blocks
-    it visits: [q_lo, M) see some of its keys, from full_lo on they see all of them; per_head blocks per head."""
+    it visits: [q_lo, M) see some of its keys, from full_lo on they see all of them; per_head blocks per head.
+    One head at a time, as in ``flash_bwd._bwd_kv_kernel`` (and for its reason)."""
     pid = gl.program_id(0)
     bhk = pid // n_n_blocks
     start_n = (pid % n_n_blocks) * KEYS
@@ -414,15 +415,12 @@ def _q_producer(q_desc, k_desc, v_desc, do_desc, q_bufs, do_bufs, k_ring, v_ring
 
 @gluon.jit
 def _gluon_bwd_q_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DQ, stride_dqb, stride_dqh, stride_dqm,
-                        n_heads, group, n_queries, n_keys, n_m_blocks, shift, right, qk_scale, scale,
-                        HEAD_D: gl.constexpr, BLOCK_KEYS: gl.constexpr, STAGES: gl.constexpr,
+                        n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, shift, right, qk_scale,
+                        scale, HEAD_D: gl.constexpr, BLOCK_KEYS: gl.constexpr, STAGES: gl.constexpr,
                         HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                         CONSUMERS: gl.constexpr = 2):
-    pid = gl.program_id(0)
-    bh = pid // n_m_blocks
-    m_block = pid % n_m_blocks
-    if HAS_RIGHT:
-        m_block = n_m_blocks - 1 - m_block  # longest rows first
+    # Causal: the longest rows first, over groups of head_group heads (``common.head_group``).
+    bh, m_block = tile_coords(gl.program_id(0), n_m_blocks, n_bh, head_group, HAS_RIGHT)
     off_b = bh // n_heads
     off_h = bh % n_heads
     off_hk = off_h // group
@@ -490,22 +488,25 @@ def gluon_backward_kv(q, k, v, grad_out, lse_units, delta, dk, dv, scale: float,
 
 
 def gluon_backward_q(q, k, v, grad_out, lse_units, delta, dq, scale: float, causal_right: int, shift: int,
-                     block_keys: int | None = None, stages: int = 2, consumers: int = 2) -> None:
+                     block_keys: int | None = None, stages: int = 2, consumers: int = 2,
+                     group_heads: int | None = None) -> None:
     """Write dq (last dim contiguous) for the operands of ``gluon_backward_kv``: one program per ``consumers`` x 64
     query rows of one head (2 or 3 consumer warp groups), looping over the key blocks of ``block_keys`` rows that
     the forward visited (by default 64, and 32 at head dims above 128, where 64-key blocks spill registers and
-    overflow shared memory)."""
+    overflow shared memory).  ``group_heads``: heads whose programs are interleaved (default ``common.head_group``)."""
     batch, heads, n_queries, head_d = q.shape
     if block_keys is None:
         block_keys = 64 if head_d <= 128 else 32
     kv_heads, n_keys = k.shape[1], k.shape[2]
+    if group_heads is None:
+        group_heads = head_group(causal_right >= 0, n_keys * 2 * head_d * k.element_size())
     n_m_blocks = triton.cdiv(n_queries, consumers * QUERY_BLOCK)
     regs, maxnreg = REGISTERS[consumers]
     has_right = causal_right >= 0
     _gluon_bwd_q_kernel[(n_m_blocks * batch * heads,)](
         _descriptor(q, QUERY_BLOCK), _descriptor(k, block_keys), _descriptor(v, block_keys),
         _descriptor(grad_out, QUERY_BLOCK), lse_units, delta, dq, dq.stride(0), dq.stride(1), dq.stride(2), heads,
-        heads // kv_heads, n_queries, n_keys, n_m_blocks, shift if has_right else 0,
+        heads // kv_heads, n_queries, n_keys, n_m_blocks, batch * heads, group_heads, shift if has_right else 0,
         causal_right if has_right else 0, scale * LOG2E, scale,
         HEAD_D=head_d, BLOCK_KEYS=block_keys, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=regs,
         PRODUCER_REGS=24, CONSUMERS=consumers, num_warps=4, maxnreg=maxnreg)

@@ -18,6 +18,14 @@ consumer warp group (two or three, ``CONSUMERS``):
   S, so that a warp group has nothing left to do between P V's completion and its next MMAs: ptxas otherwise
   schedules that work after the wait for P V (seen in the SASS).
 
+Tiles are scheduled in one of two ways.  With a program per tile (causal calls, and non-causal calls with many
+keys) the hardware hands tiles out in launch order: under a causal mask longest first, over groups of heads
+(``common.tile_coords`` / ``head_group``), with the tiles aligned to the last query row so that a partial tile is
+the shortest.  With a persistent grid (non-causal calls within ``PERSISTENT_MAX_KEYS``) each of one program per
+SM takes every SM-count-th tile; the K / V ring runs on across its tiles, and Q's buffer is released as soon as a
+tile's last S = Q K^T is done, so the producer loads the next tile's Q and first key blocks while the consumers
+finish the current one.
+
 Scores are kept in log2 units (the scale times log2(e) folded into one multiply).  Only the key blocks that can
 hold an invisible score (the diagonal of a causal mask, the key tail) pay for mask arithmetic; rows that see no
 key give O = 0 and LSE = -inf.  ``op.gluon_applies`` (and, when the op runs, ``tma_compatible``) decides which
@@ -35,9 +43,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import LOG2E
+from .common import LOG2E, head_group, sm_count, tile_coords
 
-__all__ = ["BLOCK_N", "CONSUMERS", "HEAD_DIMS", "LATE_HEAD_DIMS", "REGISTERS", "tma_compatible", "gluon_forward"]
+__all__ = ["BLOCK_N", "CONSUMERS", "HEAD_DIMS", "LATE_HEAD_DIMS", "PERSISTENT_MAX_KEYS", "REGISTERS", "tma_compatible",
+           "gluon_forward"]
 
 HEAD_DIMS = (64, 128, 256)  # head dims the kernel is built and measured for (Q, K and V share it)
 # Key block per head dim: at 256, 128-key blocks spill registers; 64 keys with two stages fill shared memory.
@@ -51,6 +60,13 @@ CONSUMERS = {64: 3}
 # was not faster, and its causal d128 form spills registers inside the loop.  Three consumers cannot hold p in
 # fp32 across the loop edge, so head dim 64 keeps the plain loop.
 LATE_HEAD_DIMS = (128, 256)
+# Non-causal calls with at most this many keys (per head dim) run a persistent grid (``gluon_forward(persistent=
+# ...)``): one program per SM loops over tiles, and its producer loads the next tile's Q and first key blocks
+# while the consumers finish the current one.  That hides a fixed cost per tile, which counts where tiles are
+# short: 1.5-2.3 % faster at head dim 128 with 4k keys, 0-1 % slower at 8k and 16k, slower at head dim 256
+# (benchmarks/reference, "seventh pass").  Causal calls keep a program per tile, which the hardware hands out
+# longest first.
+PERSISTENT_MAX_KEYS = {128: 4096}
 
 # Triton 3.9 renamed the TMA load; 3.5 - 3.8 only know the old name.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -107,25 +123,97 @@ def _issue_scores(q, k_bufs, k_ready, j, s_init, BLOCK_N: gl.constexpr, HEAD_D: 
 
 
 @gluon.jit
-def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
-              start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_iter, n_full,
-              HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
-              WG: gl.constexpr, LATE: gl.constexpr = False):
+def _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries, n_keys, shift, right,
+              PROGRAM_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """A forward tile: (bh, batch, head, first query row, key blocks streamed).  Keys [0, hi) are visible to
+    some row of the tile; at least one block is streamed, so that producer and consumers always meet (a block no
+    row sees is all masked).  Under a causal mask the tiles are aligned to the last query row, so that the
+    partial tile of a length that is not a multiple of PROGRAM_M comes first (rows below 0, which TMA fills with
+    zeros and nothing stores) and is the shortest, instead of the longest with most of its warp groups idle."""
+    bh, m_block = tile_coords(tile, n_m_blocks, n_bh, head_group, HAS_RIGHT)
+    start_m = m_block * PROGRAM_M
+    if HAS_RIGHT:
+        start_m -= n_m_blocks * PROGRAM_M - n_queries
+    hi = n_keys
+    if HAS_RIGHT:
+        hi = gl.minimum(hi, gl.maximum(start_m + PROGRAM_M + shift + right, 0))
+    return bh, bh // n_heads, bh % n_heads, start_m, gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+
+
+@gluon.jit
+def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, stride_ob,
+              stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles, n_programs,
+              shift, right, qk_scale, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr,
+              PERSISTENT: gl.constexpr):
+    """One consumer warp group over the program's tiles (one, or several when the grid is persistent).  ``base``
+    counts the key blocks of the earlier tiles: the ring's stages and phases run on across tiles."""
+    if PERSISTENT:
+        base = n_tiles * 0
+        t = n_tiles * 0
+        for tile in range(gl.program_id(0), n_tiles, n_programs):
+            bh, off_b, off_h, start_m, n_iter = _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries,
+                                                          n_keys, shift, right, CONSUMERS * WG_M, BLOCK_N, HAS_RIGHT)
+            _consumer_tile(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                           off_b, off_h, bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift,
+                           right, qk_scale, n_iter, base, t & 1, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, WG, LATE)
+            base += n_iter
+            t += 1
+    else:
+        bh, off_b, off_h, start_m, n_iter = _fwd_tile(gl.program_id(0), n_m_blocks, n_bh, head_group, n_heads,
+                                                      n_queries, n_keys, shift, right, CONSUMERS * WG_M, BLOCK_N,
+                                                      HAS_RIGHT)
+        _consumer_tile(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b,
+                       off_h, bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
+                       n_iter, 0, 0, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, WG, LATE)
+
+
+@gluon.jit
+def _consumer_tile(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b,
+                   off_h, bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
+                   n_iter, base, q_phase, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   HAS_RIGHT: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr = False):
+    row0 = start_m + WG * WG_M
+    # The program streams n_iter key blocks for its lowest rows' sake; under a causal mask this warp group's rows
+    # see fewer (n_own) and more of them unmasked (n_full).  It only waits for and releases the blocks beyond
+    # n_own, which hold no key its rows see, and all but the first when none of its rows is a query row (the
+    # partial tile of a length that is not a multiple of the tile: rows past the last, or below 0 under a causal
+    # mask, see ``_fwd_tile``).
+    n_own = n_iter
+    n_full = n_keys // BLOCK_N
+    if HAS_RIGHT:
+        n_own = gl.maximum(gl.cdiv(gl.minimum(n_keys, gl.maximum(row0 + WG_M + shift + right, 0)), BLOCK_N), 1)
+        n_full = gl.minimum(n_keys, gl.maximum(row0 + shift + right + 1, 0)) // BLOCK_N
+    if (row0 >= n_queries) | (row0 + WG_M <= 0):
+        n_own = 1  # one block (its stores are masked off): no branch around the loop, which costs registers
+    mbarrier.wait(q_bar, q_phase)
+    _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
+                   row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_own, n_full,
+                   base, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, WG, LATE)
+    # The key blocks past this warp group's rows: released unread.
+    for j in range(n_own, n_iter):
+        stage = (base + j) % STAGES
+        phase = ((base + j) // STAGES) & 1
+        mbarrier.wait(k_ready.index(stage), phase)
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        mbarrier.wait(v_ready.index(stage), phase)
+        mbarrier.arrive(v_empty.index(stage), count=1)
+
+
+@gluon.jit
+def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
+                   row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_own, n_full,
+                   base, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                   WG: gl.constexpr, LATE: gl.constexpr = False):
+    """The online softmax of one warp group's 64 rows over key blocks [0, n_own), then O and the LSE stored.
+    Q's buffer is released (``q_empty``) once the last S = Q K^T is done, so that a persistent producer can load
+    the next tile's Q while this one finishes."""
     s_layout: gl.constexpr = _mma_layout(BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(HEAD_D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = q_bufs.dtype
-
-    row0 = start_m + WG * WG_M
-    # The program streams n_iter key blocks for its lowest rows' sake; under a causal mask this warp group's rows
-    # see fewer (n_own) and more of them unmasked (n_full).  It only waits for and releases the blocks beyond
-    # n_own, which hold no key its rows see.
-    n_own = n_iter
-    if HAS_RIGHT:
-        n_own = gl.maximum(gl.cdiv(gl.minimum(n_keys, gl.maximum(row0 + WG_M + shift + right, 0)), BLOCK_N), 1)
-        n_full = gl.minimum(n_keys, gl.maximum(row0 + shift + right + 1, 0)) // BLOCK_N
     rows = row0 + gl.arange(0, WG_M, layout=row_s)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     q = q_bufs.index(WG).reshape([WG_M, HEAD_D])
@@ -134,9 +222,8 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
     acc = gl.zeros([WG_M, HEAD_D], gl.float32, layout=o_layout)
     s_init = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
 
-    mbarrier.wait(q_bar, 0)
     # Block 0's scores and probabilities.
-    stage_0, s_tok = _issue_scores(q, k_bufs, k_ready, 0, s_init, BLOCK_N, HEAD_D, STAGES)
+    stage_0, s_tok = _issue_scores(q, k_bufs, k_ready, base, s_init, BLOCK_N, HEAD_D, STAGES)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     mbarrier.arrive(k_empty.index(stage_0), count=1)
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, n_full <= 0,
@@ -150,11 +237,11 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
         # (alpha = 0 for block 0, so O's zeros stay zeros).
         for i in range(0, n_own - 1):
             j = i + 1
-            stage_i = i % STAGES
-            stage_j, s_tok = _issue_scores(q, k_bufs, k_ready, j, s_init, BLOCK_N, HEAD_D, STAGES)
+            stage_i = (base + i) % STAGES
+            stage_j, s_tok = _issue_scores(q, k_bufs, k_ready, base + j, s_init, BLOCK_N, HEAD_D, STAGES)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p16 = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(v_ready.index(stage_i), (i // STAGES) & 1)
+            mbarrier.wait(v_ready.index(stage_i), ((base + i) // STAGES) & 1)
             acc_tok = warpgroup_mma(p16, v_bufs.index(stage_i).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
             l_i = l_i * alpha + gl.sum(p, 1)
             s = warpgroup_mma_wait(1, deps=[s_tok])
@@ -171,9 +258,9 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
         # Invariant at the top of iteration i: p holds block i's probabilities, acc is scaled to block i's maximum.
         for i in range(0, n_own - 1):
             j = i + 1
-            stage_i = i % STAGES
-            stage_j, s_tok = _issue_scores(q, k_bufs, k_ready, j, s_init, BLOCK_N, HEAD_D, STAGES)
-            mbarrier.wait(v_ready.index(stage_i), (i // STAGES) & 1)
+            stage_i = (base + i) % STAGES
+            stage_j, s_tok = _issue_scores(q, k_bufs, k_ready, base + j, s_init, BLOCK_N, HEAD_D, STAGES)
+            mbarrier.wait(v_ready.index(stage_i), ((base + i) // STAGES) & 1)
             acc_tok = warpgroup_mma(p, v_bufs.index(stage_i).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
             # MMA groups retire in order: with one left in flight, block j's scores are done, P V may not be.
             s = warpgroup_mma_wait(1, deps=[s_tok])
@@ -186,7 +273,9 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p = p_next
 
-    last = n_own - 1
+    # Every S of the tile is done: Q's buffer may be refilled.
+    mbarrier.arrive(q_empty, count=1)
+    last = base + n_own - 1
     stage_l = last % STAGES
     mbarrier.wait(v_ready.index(stage_l), (last // STAGES) & 1)
     acc_tok = warpgroup_mma(p, v_bufs.index(stage_l).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
@@ -203,76 +292,63 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
     cols_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
     o_ptrs = (Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
               + gl.expand_dims(rows_o.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols_o, 0))
-    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims(rows_o < n_queries, 1))
-    gl.store(Lse + bh.to(gl.int64) * n_queries + rows, lse, mask=rows < n_queries)
-    # The key blocks past this warp group's rows: released unread.
-    for j in range(n_own, n_iter):
-        stage = j % STAGES
-        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-        mbarrier.arrive(k_empty.index(stage), count=1)
-        mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
-        mbarrier.arrive(v_empty.index(stage), count=1)
+    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims((rows_o >= 0) & (rows_o < n_queries), 1))
+    gl.store(Lse + bh.to(gl.int64) * n_queries + rows, lse, mask=(rows >= 0) & (rows < n_queries))
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, off_b,
-              off_h, off_hk, start_m, n_iter, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              CONSUMERS: gl.constexpr):
-    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
-    for wg in gl.static_range(CONSUMERS):
-        _tma_load(q_desc, [off_b, off_h, start_m + wg * WG_M, 0], q_bar, q_bufs.index(wg))
-    for i in range(n_iter):
-        stage = i % STAGES
-        # Fresh mbarriers count as having completed the phase before 0: the first lap does not wait.
-        phase = ((i // STAGES) & 1) ^ 1
-        mbarrier.wait(k_empty.index(stage), phase)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [off_b, off_hk, i * BLOCK_N, 0], k_ready.index(stage), k_bufs.index(stage))
-        mbarrier.wait(v_empty.index(stage), phase)
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [off_b, off_hk, i * BLOCK_N, 0], v_ready.index(stage), v_bufs.index(stage))
+def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
+              n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr):
+    base = n_tiles * 0
+    t = n_tiles * 0
+    # One tile per program unless the grid is persistent (then PERSISTENT also compiles the consumers' loop).
+    for tile in range(gl.program_id(0), n_tiles, n_programs):
+        bh, off_b, off_h, start_m, n_iter = _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries,
+                                                      n_keys, shift, right, CONSUMERS * WG_M, BLOCK_N, HAS_RIGHT)
+        off_hk = off_h // group
+        # Fresh mbarriers count as having completed the phase before 0: the first wait on an "empty" one passes.
+        mbarrier.wait(q_empty, (t & 1) ^ 1)
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for wg in gl.static_range(CONSUMERS):
+            _tma_load(q_desc, [off_b, off_h, start_m + wg * WG_M, 0], q_bar, q_bufs.index(wg))
+        for i in range(n_iter):
+            stage = (base + i) % STAGES
+            phase = (((base + i) // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(stage), phase)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [off_b, off_hk, i * BLOCK_N, 0], k_ready.index(stage), k_bufs.index(stage))
+            mbarrier.wait(v_empty.index(stage), phase)
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [off_b, off_hk, i * BLOCK_N, 0], v_ready.index(stage), v_bufs.index(stage))
+        base += n_iter
+        t += 1
 
 
 @gluon.jit
 def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, stride_om, n_heads, group, n_queries,
-                      n_keys, n_m_blocks, shift, right, qk_scale,
+                      n_keys, n_m_blocks, n_bh, head_group, n_programs, shift, right, qk_scale,
                       HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
                       CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2,
-                      LATE: gl.constexpr = False):
-    PROGRAM_M: gl.constexpr = CONSUMERS * WG_M
-    pid = gl.program_id(0)
-    bh = pid // n_m_blocks
-    m_block = pid % n_m_blocks
-    if HAS_RIGHT:
-        # Causal: the longest rows (last query blocks) go first.
-        m_block = n_m_blocks - 1 - m_block
-    off_b = bh // n_heads
-    off_h = bh % n_heads
-    off_hk = off_h // group
-    start_m = m_block * PROGRAM_M
-
-    # Keys [0, hi) are visible to some row of this block.  Without a causal mask every row sees keys
-    # [0, n_full * BLOCK_N) in full; with one, each consumer works out its own n_full.
-    hi = n_keys
-    if HAS_RIGHT:
-        hi = gl.minimum(hi, gl.maximum(start_m + PROGRAM_M + shift + right, 0))
-    # At least one block, so that producer and consumers always meet: a block no row sees is all masked.
-    n_iter = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
-    n_full = n_keys // BLOCK_N
-
+                      LATE: gl.constexpr = False, PERSISTENT: gl.constexpr = False):
+    """Tiles of ``CONSUMERS`` x 64 query rows of one (batch, head); program p takes tiles p, p + n_programs, ...
+    (one tile when the grid has a program per tile, several when it is persistent)."""
+    n_tiles = n_m_blocks * n_bh
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    # Every consumer releases a buffer before it is refilled.
+    mbarrier.init(q_empty, count=CONSUMERS)
     for stage in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(stage), count=1)
         mbarrier.init(v_ready.index(stage), count=1)
-        # Every consumer releases a buffer before it is refilled.
         mbarrier.init(k_empty.index(stage), count=CONSUMERS)
         mbarrier.init(v_empty.index(stage), count=CONSUMERS)
 
@@ -281,28 +357,35 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, st
     # turns its constexprs into tensors.
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
-                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0, LATE)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
-                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1, LATE)),
-            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         off_b, off_h, off_hk, start_m, n_iter, BLOCK_N, STAGES, CONSUMERS)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
+                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
+                         0, LATE, PERSISTENT)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
+                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
+                         1, LATE, PERSISTENT)),
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
+                         v_empty, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles,
+                         n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
-                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 0, LATE)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
-                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 1, LATE)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h,
-                         bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                         n_iter, n_full, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, 2, LATE)),
-            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         off_b, off_h, off_hk, start_m, n_iter, BLOCK_N, STAGES, CONSUMERS)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
+                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
+                         0, LATE, PERSISTENT)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
+                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
+                         1, LATE, PERSISTENT)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
+                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
+                         2, LATE, PERSISTENT)),
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
+                         v_empty, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles,
+                         n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -333,7 +416,8 @@ def _descriptor(x, rows: int):
 
 def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int, block_n: int | None = None,
                   stages: int = 2, consumer_regs: int | None = None, maxnreg: int | None = None,
-                  consumers: int | None = None, late: bool | None = None):
+                  consumers: int | None = None, late: bool | None = None, persistent: bool | None = None,
+                  group_heads: int | None = None, programs: int | None = None):
     """Launch the kernel.  q [B, H, M, D], k / v [B, HK, N, D] (16-bit, last dim contiguous, TMA-aligned);
     ``causal_right`` < 0: no causal mask, else key j is visible to row i iff j <= i + shift + causal_right.
     Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
@@ -341,9 +425,12 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     ``block_n``: keys per block (default ``BLOCK_N`` of the head dim); ``consumers``: consumer warp groups, 2 or
     3 (default ``CONSUMERS`` of the head dim for more than 128 queries, else 2); ``late``: the consumer loop that
     converts and sums P and rescales O in the next iteration (default: non-causal calls at ``LATE_HEAD_DIMS``
-    with two consumers).  ``consumer_regs`` /
-    ``maxnreg``: registers per consumer thread and at launch (default ``REGISTERS`` of the consumer count, one
-    program per SM; ``benchmarks/explore_gluon_fwd.py`` tries others)."""
+    with two consumers); ``persistent``: one program per SM, each taking every SM-count-th tile (default:
+    non-causal calls within ``PERSISTENT_MAX_KEYS``; ``programs`` caps that grid below the SM count, which tests
+    use to give small problems several tiles a program); ``group_heads``: heads whose tiles are interleaved
+    (default ``common.head_group``).  ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch
+    (default ``REGISTERS`` of the consumer count, one program per SM; ``benchmarks/explore_gluon_fwd.py`` tries
+    others)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     if block_n is None:
@@ -353,14 +440,22 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
         consumers = CONSUMERS.get(head_d, 2) if n_queries > 2 * ROWS_PER_CONSUMER else 2
     if late is None:
         late = causal_right < 0 and head_d in LATE_HEAD_DIMS and consumers == 2
+    has_right = causal_right >= 0
+    if persistent is None:
+        persistent = not has_right and n_keys <= PERSISTENT_MAX_KEYS.get(head_d, 0)
+    if group_heads is None:
+        group_heads = head_group(has_right, 2 * n_keys * head_d * k.element_size())
     default_regs, default_maxnreg = REGISTERS[consumers]
     consumer_regs = default_regs if consumer_regs is None else consumer_regs
     maxnreg = default_maxnreg if maxnreg is None else maxnreg
     n_m_blocks = triton.cdiv(n_queries, consumers * ROWS_PER_CONSUMER)
-    has_right = causal_right >= 0
-    _gluon_fwd_kernel[(n_m_blocks * batch * heads,)](
+    n_tiles = n_m_blocks * batch * heads
+    # The persistent grid holds one program per SM: REGISTERS and the shared memory allow no second one.
+    n_programs = min(n_tiles, programs or sm_count(q.device)) if persistent else n_tiles
+    _gluon_fwd_kernel[(n_programs,)](
         _descriptor(q, ROWS_PER_CONSUMER), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
         out.stride(0), out.stride(1), out.stride(2), heads, heads // kv_heads, n_queries, n_keys, n_m_blocks,
-        shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E,
-        HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=consumer_regs,
-        PRODUCER_REGS=24, CONSUMERS=consumers, LATE=late, num_warps=4, maxnreg=maxnreg)
+        batch * heads, group_heads, n_programs, shift if has_right else 0, causal_right if has_right else 0,
+        scale * LOG2E, HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right,
+        CONSUMER_REGS=consumer_regs, PRODUCER_REGS=24, CONSUMERS=consumers, LATE=late, PERSISTENT=n_programs < n_tiles,
+        num_warps=4, maxnreg=maxnreg)

@@ -8,7 +8,7 @@ dQ) for: Triton dK/dV + Triton dQ (the portable path), Gluon dK/dV + Triton dQ, 
 Triton dK/dV + Gluon dQ with each dQ key block and ring depth given; each variant's gradients are compared with
 the Triton path's first.  All variants of a shape are timed in interleaved rounds (medians).  ``--order-ab`` adds
 each variant with its programs ordered one head at a time (the order before ``common.head_group``), ``--only``
-keeps the named variants, ``--causal yes|no`` one kind of call.
+keeps the named variants (and the Triton path), ``--causal yes|no`` one kind of call.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def main():
     p.add_argument("--group", type=int, default=1, help="query heads per key head (GQA)")
     p.add_argument("--order-ab", action="store_true",
                    help="also time every variant with its programs one head at a time (suffix g1)")
-    p.add_argument("--only", nargs="*", default=None, help="time only these variants (names as printed)")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="time only these variants (names as printed) and the Triton path, the gradients' reference")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     args = p.parse_args()
     for d in args.head_dims:

@@ -132,10 +132,9 @@ def _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries, n_keys, sh
     zeros and nothing stores) and is the shortest, instead of the longest with most of its warp groups idle."""
     bh, m_block = tile_coords(tile, n_m_blocks, n_bh, head_group, HAS_RIGHT)
     start_m = m_block * PROGRAM_M
-    if HAS_RIGHT:
-        start_m -= n_m_blocks * PROGRAM_M - n_queries
     hi = n_keys
     if HAS_RIGHT:
+        start_m -= n_m_blocks * PROGRAM_M - n_queries
         hi = gl.minimum(hi, gl.maximum(start_m + PROGRAM_M + shift + right, 0))
     return bh, bh // n_heads, bh % n_heads, start_m, gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
 
@@ -147,7 +146,9 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
               HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr,
               PERSISTENT: gl.constexpr):
     """One consumer warp group over the program's tiles (one, or several when the grid is persistent).  ``base``
-    counts the key blocks of the earlier tiles: the ring's stages and phases run on across tiles."""
+    counts the key blocks of the earlier tiles: the ring's stages and phases run on across tiles.  The one-tile
+    case is spelled out rather than run as a loop of one: with the loop the three-consumer kernel spills 128-156
+    bytes, with the single call 0-12 (offline sm90 compile, Triton 3.6)."""
     if PERSISTENT:
         base = n_tiles * 0
         t = n_tiles * 0
@@ -438,9 +439,9 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     if consumers is None:
         # Where one two-consumer program covers every row, a third warp group would only add idle rows.
         consumers = CONSUMERS.get(head_d, 2) if n_queries > 2 * ROWS_PER_CONSUMER else 2
-    if late is None:
-        late = causal_right < 0 and head_d in LATE_HEAD_DIMS and consumers == 2
     has_right = causal_right >= 0
+    if late is None:
+        late = not has_right and head_d in LATE_HEAD_DIMS and consumers == 2
     if persistent is None:
         persistent = not has_right and n_keys <= PERSISTENT_MAX_KEYS.get(head_d, 0)
     if group_heads is None:

@@ -125,6 +125,9 @@ SHAPES = [
     (1, 2, 2, 600, 520, True, True, "blhd"),  # bottom-right with M > N: the first 80 rows see nothing
     (1, 2, 2, 64, 4096, True, True, "blhd"),
     (2, 4, 4, 384, 384, True, False, "fused"),
+    # More tiles than an H100 has SMs: the routed causal forward at head dims 64 and 128 runs its persistent grid,
+    # programs claiming tiles of different lengths from the counter.
+    (4, 16, 4, 1000, 1000, True, False, "blhd"),
 ]
 
 
@@ -185,8 +188,9 @@ def test_gpu_gluon_forward_kernel_tilings(shape, head_d, consumers, block_n, lat
 @on_hopper
 def test_gpu_gluon_forward_persistent_and_grouped(shape, head_d, consumers, late):
     """The forward's tile schedules: a persistent grid of 5 programs (so every program runs several tiles, its
-    K / V ring and Q buffer carried across them, with tiles of different lengths under a causal mask), and a
-    program per tile with heads interleaved 3 at a time (a partial last group on most shapes)."""
+    K / V ring and Q buffer carried across them, with tiles of different lengths under a causal mask) taking
+    every fifth tile or claiming tiles from the counter, and a program per tile with heads interleaved 3 at a
+    time (a partial last group on most shapes)."""
     batch, heads, kv_heads, m, n, causal, bottom_right, layout = shape
     q, k, v = make_qkv(batch, heads, kv_heads, m, n, head_d, head_d, torch.bfloat16, "cuda", layout)
     scale = head_d ** -0.5
@@ -195,7 +199,8 @@ def test_gpu_gluon_forward_persistent_and_grouped(shape, head_d, consumers, late
     theirs = torch_math(q, k, v, scale, causal, bottom_right)
     ref_lse = lse_ref(q, k, v, scale, causal, bottom_right).to(q.device)
     finite = torch.isfinite(ref_lse)
-    for schedule in (dict(persistent=True, programs=5), dict(persistent=False, group_heads=3)):
+    for schedule in (dict(persistent=True, programs=5, dynamic=False), dict(persistent=True, programs=5, dynamic=True),
+                     dict(persistent=False, group_heads=3)):
         out = torch.full_like(q, float("nan"))
         lse = torch.full(q.shape[:3], float("nan"), device="cuda")
         gluon_fwd.gluon_forward(q, k, v, out, lse, scale, 0 if causal else -1, shift, consumers=consumers,

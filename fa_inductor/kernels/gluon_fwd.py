@@ -18,13 +18,15 @@ consumer warp group (two or three, ``CONSUMERS``):
   S, so that a warp group has nothing left to do between P V's completion and its next MMAs: ptxas otherwise
   schedules that work after the wait for P V (seen in the SASS).
 
-Tiles are scheduled in one of two ways.  With a program per tile (causal calls, and non-causal calls with many
-keys) the hardware hands tiles out in launch order: under a causal mask longest first, over groups of heads
-(``common.tile_coords`` / ``head_group``), with the tiles aligned to the last query row so that a partial tile is
-the shortest.  With a persistent grid (non-causal calls within ``PERSISTENT_MAX_KEYS``) each of one program per
-SM takes every SM-count-th tile; the K / V ring runs on across its tiles, and Q's buffer is released as soon as a
-tile's last S = Q K^T is done, so the producer loads the next tile's Q and first key blocks while the consumers
-finish the current one.
+Tiles are scheduled in one of three ways.  With a program per tile the hardware hands tiles out in launch
+order: under a causal mask longest first, over groups of heads (``common.tile_coords`` / ``head_group``), with
+the tiles aligned to the last query row so that a partial tile is the shortest.  With a persistent grid (one
+program per SM) the K / V ring runs on across a program's tiles, and Q's buffer is released as soon as a tile's
+last S = Q K^T is done, so the producer loads the next tile's Q and first key blocks while the consumers finish
+the current one.  Without a mask (``PERSISTENT_MAX_KEYS``) a persistent program takes every SM-count-th tile;
+under a causal mask (``PERSISTENT_CAUSAL_HEAD_DIMS``) it claims the next unclaimed tile in the launch order
+above from an atomic counter, so that tiles of different lengths are balanced as the hardware would balance them.
+The producer hands each tile's index to the consumers through shared memory.
 
 Scores are kept in log2 units (the scale times log2(e) folded into one multiply).  Only the key blocks that can
 hold an invisible score (the diagonal of a causal mask, the key tail) pay for mask arithmetic; rows that see no
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -45,8 +48,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import LOG2E, head_group, sm_count, tile_coords
 
-__all__ = ["BLOCK_N", "CONSUMERS", "HEAD_DIMS", "LATE_HEAD_DIMS", "PERSISTENT_MAX_KEYS", "REGISTERS", "tma_compatible",
-           "gluon_forward"]
+__all__ = ["BLOCK_N", "CONSUMERS", "HEAD_DIMS", "LATE_HEAD_DIMS", "PERSISTENT_MAX_KEYS", "PERSISTENT_CAUSAL_HEAD_DIMS",
+           "REGISTERS", "tma_compatible", "gluon_forward"]
 
 HEAD_DIMS = (64, 128, 256)  # head dims the kernel is built and measured for (Q, K and V share it)
 # Key block per head dim: at 256, 128-key blocks spill registers; 64 keys with two stages fill shared memory.
@@ -64,9 +67,14 @@ LATE_HEAD_DIMS = (128, 256)
 # ...)``): one program per SM loops over tiles, and its producer loads the next tile's Q and first key blocks
 # while the consumers finish the current one.  That hides a fixed cost per tile, which counts where tiles are
 # short: 1.5-2.3 % faster at head dim 128 with 4k keys, 0-1 % slower at 8k and 16k, slower at head dim 256
-# (benchmarks/reference, "seventh pass").  Causal calls keep a program per tile, which the hardware hands out
-# longest first.
+# (benchmarks/reference, "seventh pass").
 PERSISTENT_MAX_KEYS = {128: 4096}
+# Head dims whose causal calls run a persistent grid whose programs claim tiles from a counter in launch order
+# (longest first, ``common.tile_coords``), as the hardware hands out a program per tile, but without a program's
+# start and end between tiles: 2-4 % faster at head dim 128 and 1.6-1.8 % at 64 with 16k keys (flat at 4k), flat
+# at 256 (benchmarks/reference, "eighth pass").  Taking every SM-count-th tile instead leaves some SMs all the
+# long tiles (19 % slower at head dim 128, 4k).
+PERSISTENT_CAUSAL_HEAD_DIMS = (64, 128)
 
 # Triton 3.9 renamed the TMA load; 3.5 - 3.8 only know the old name.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -140,40 +148,62 @@ def _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries, n_keys, sh
 
 
 @gluon.jit
-def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, stride_ob,
-              stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles, n_programs,
-              shift, right, qk_scale, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr,
-              PERSISTENT: gl.constexpr):
-    """One consumer warp group over the program's tiles (one, or several when the grid is persistent).  ``base``
-    counts the key blocks of the earlier tiles: the ring's stages and phases run on across tiles.  The one-tile
-    case is spelled out rather than run as a loop of one: with the loop the three-consumer kernel spills 128-156
-    bytes, with the single call 0-12 (offline sm90 compile, Triton 3.6)."""
-    if PERSISTENT:
-        base = n_tiles * 0
-        t = n_tiles * 0
-        for tile in range(gl.program_id(0), n_tiles, n_programs):
-            bh, off_b, off_h, start_m, n_iter = _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries,
-                                                          n_keys, shift, right, CONSUMERS * WG_M, BLOCK_N, HAS_RIGHT)
-            _consumer_tile(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                           off_b, off_h, bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift,
-                           right, qk_scale, n_iter, base, t & 1, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, WG, LATE)
-            base += n_iter
-            t += 1
-    else:
-        bh, off_b, off_h, start_m, n_iter = _fwd_tile(gl.program_id(0), n_m_blocks, n_bh, head_group, n_heads,
-                                                      n_queries, n_keys, shift, right, CONSUMERS * WG_M, BLOCK_N,
-                                                      HAS_RIGHT)
-        _consumer_tile(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b,
-                       off_h, bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                       n_iter, 0, 0, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, WG, LATE)
+def _read_tile(tile_smem):
+    """The tile index the producer left in shared memory (read by a consumer warp group after Q's mbarrier)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    return gl.max(tile_smem.load(layout), 0)
 
 
 @gluon.jit
-def _consumer_tile(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b,
-                   off_h, bh, start_m, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale,
-                   n_iter, base, q_phase, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_RIGHT: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr = False):
+def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out, Lse,
+              stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles,
+              n_programs, shift, right, qk_scale, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr,
+              LATE: gl.constexpr, PERSISTENT: gl.constexpr, DYNAMIC: gl.constexpr):
+    """One consumer warp group over the program's tiles: one, every n_programs-th (``PERSISTENT``), or those the
+    producer claims (``DYNAMIC``: it hands each index over in ``tile_smem``, published by Q's mbarrier, and an
+    index past the last tile ends the loop).  ``base`` counts the key blocks of the earlier tiles: the ring's
+    stages and phases run on across tiles.  Each schedule has its own loop: the one-tile case run as a loop of
+    one spills 128-156 bytes with three consumers (0-12 spelled out), and the SM-count-th schedule run as the
+    claiming loop spills 32 bytes more at head dim 128, some of it in the key loop, and was 1.3 % slower (offline
+    sm90 compiles, Triton 3.6; H100)."""
+    base = n_tiles * 0
+    t = n_tiles * 0
+    if DYNAMIC:
+        mbarrier.wait(q_bar, 0)
+        tile = _read_tile(tile_smem)
+        while tile < n_tiles:
+            base += _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                                   tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om,
+                                   n_queries, n_keys, shift, right, qk_scale, base, HEAD_D, BLOCK_N, STAGES,
+                                   HAS_RIGHT, CONSUMERS, WG, LATE)
+            t += 1
+            mbarrier.wait(q_bar, t & 1)
+            tile = _read_tile(tile_smem)
+    elif PERSISTENT:
+        for tile in range(gl.program_id(0), n_tiles, n_programs):
+            mbarrier.wait(q_bar, t & 1)
+            base += _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                                   tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om,
+                                   n_queries, n_keys, shift, right, qk_scale, base, HEAD_D, BLOCK_N, STAGES,
+                                   HAS_RIGHT, CONSUMERS, WG, LATE)
+            t += 1
+    else:
+        mbarrier.wait(q_bar, 0)
+        _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                       gl.program_id(0), n_heads, n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om,
+                       n_queries, n_keys, shift, right, qk_scale, base, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT,
+                       CONSUMERS, WG, LATE)
+
+
+@gluon.jit
+def _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, tile, n_heads,
+                   n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right,
+                   qk_scale, base, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr):
+    """A tile's rows of this warp group (its Q already landed); returns the key blocks the tile streamed."""
+    bh, off_b, off_h, start_m, n_iter = _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries, n_keys,
+                                                  shift, right, CONSUMERS * WG_M, BLOCK_N, HAS_RIGHT)
     row0 = start_m + WG * WG_M
     # The program streams n_iter key blocks for its lowest rows' sake; under a causal mask this warp group's rows
     # see fewer (n_own) and more of them unmasked (n_full).  It only waits for and releases the blocks beyond
@@ -187,7 +217,6 @@ def _consumer_tile(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_r
         n_full = gl.minimum(n_keys, gl.maximum(row0 + shift + right + 1, 0)) // BLOCK_N
     if (row0 >= n_queries) | (row0 + WG_M <= 0):
         n_own = 1  # one block (its stores are masked off): no branch around the loop, which costs registers
-    mbarrier.wait(q_bar, q_phase)
     _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, off_b, off_h, bh,
                    row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_own, n_full,
                    base, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, WG, LATE)
@@ -199,6 +228,7 @@ def _consumer_tile(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_r
         mbarrier.arrive(k_empty.index(stage), count=1)
         mbarrier.wait(v_ready.index(stage), phase)
         mbarrier.arrive(v_empty.index(stage), count=1)
+    return n_iter
 
 
 @gluon.jit
@@ -299,17 +329,26 @@ def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-              n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr):
+              tile_smem, Sched, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles, n_programs,
+              shift, right, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+              CONSUMERS: gl.constexpr, DYNAMIC: gl.constexpr):
+    """Loads each tile's Q and streams its K / V blocks through the ring.  A persistent program's next tile is
+    the next SM-count-th one, or with ``DYNAMIC`` the next unclaimed one in launch order, claimed from the
+    counter ``Sched`` once this tile's last key block is on its way (so tiles of different lengths go to
+    whichever SM frees up first, as the hardware does with a program per tile)."""
+    tile_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     base = n_tiles * 0
     t = n_tiles * 0
-    # One tile per program unless the grid is persistent (then PERSISTENT also compiles the consumers' loop).
-    for tile in range(gl.program_id(0), n_tiles, n_programs):
+    tile = gl.program_id(0)
+    while tile < n_tiles:
         bh, off_b, off_h, start_m, n_iter = _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries,
                                                       n_keys, shift, right, CONSUMERS * WG_M, BLOCK_N, HAS_RIGHT)
         off_hk = off_h // group
         # Fresh mbarriers count as having completed the phase before 0: the first wait on an "empty" one passes.
         mbarrier.wait(q_empty, (t & 1) ^ 1)
+        if DYNAMIC:
+            # Published to the consumers by the arrive below (release) and their wait on q_bar (acquire).
+            tile_smem.store(gl.full([1], tile, gl.int32, layout=tile_layout))
         mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
         for wg in gl.static_range(CONSUMERS):
             _tma_load(q_desc, [off_b, off_h, start_m + wg * WG_M, 0], q_bar, q_bufs.index(wg))
@@ -324,22 +363,33 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_
             _tma_load(v_desc, [off_b, off_hk, i * BLOCK_N, 0], v_ready.index(stage), v_bufs.index(stage))
         base += n_iter
         t += 1
+        if DYNAMIC:
+            tile = n_programs + gl.atomic_add(Sched, 1)
+        else:
+            tile += n_programs
+    if DYNAMIC:
+        # The end: an index past the last tile, published like the others (no Q load this time).
+        mbarrier.wait(q_empty, (t & 1) ^ 1)
+        tile_smem.store(gl.full([1], tile, gl.int32, layout=tile_layout))
+        mbarrier.arrive(q_bar, count=1)
 
 
 @gluon.jit
-def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, stride_om, n_heads, group, n_queries,
-                      n_keys, n_m_blocks, n_bh, head_group, n_programs, shift, right, qk_scale,
+def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, Sched, stride_ob, stride_oh, stride_om, n_heads, group,
+                      n_queries, n_keys, n_m_blocks, n_bh, head_group, n_programs, shift, right, qk_scale,
                       HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
                       CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2,
-                      LATE: gl.constexpr = False, PERSISTENT: gl.constexpr = False):
-    """Tiles of ``CONSUMERS`` x 64 query rows of one (batch, head); program p takes tiles p, p + n_programs, ...
-    (one tile when the grid has a program per tile, several when it is persistent)."""
+                      LATE: gl.constexpr = False, PERSISTENT: gl.constexpr = False, DYNAMIC: gl.constexpr = False):
+    """Tiles of ``CONSUMERS`` x 64 query rows of one (batch, head).  Program p takes tile p, then (when the grid
+    is persistent) tiles p + n_programs, p + 2 n_programs, ..., or with ``DYNAMIC`` the next ones claimed from
+    the zero-initialised int32 counter ``Sched`` (unused otherwise)."""
     n_tiles = n_m_blocks * n_bh
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    tile_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -358,35 +408,35 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_oh, st
     # turns its constexprs into tensors.
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
-                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
-                         0, LATE, PERSISTENT)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
-                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
-                         1, LATE, PERSISTENT)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
+                         Lse, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
+                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
+                         HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
+                         Lse, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
+                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
+                         HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
-                         v_empty, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles,
-                         n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS)),
+                         v_empty, tile_smem, Sched, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group,
+                         n_tiles, n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, DYNAMIC)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
-                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
-                         0, LATE, PERSISTENT)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
-                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
-                         1, LATE, PERSISTENT)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                         stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group,
-                         n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS,
-                         2, LATE, PERSISTENT)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
+                         Lse, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
+                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
+                         HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
+                         Lse, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
+                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
+                         HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
+                         Lse, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
+                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
+                         HAS_RIGHT, CONSUMERS, 2, LATE, PERSISTENT, DYNAMIC)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
-                         v_empty, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles,
-                         n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS)),
+                         v_empty, tile_smem, Sched, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group,
+                         n_tiles, n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, DYNAMIC)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -418,7 +468,7 @@ def _descriptor(x, rows: int):
 def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int, block_n: int | None = None,
                   stages: int = 2, consumer_regs: int | None = None, maxnreg: int | None = None,
                   consumers: int | None = None, late: bool | None = None, persistent: bool | None = None,
-                  group_heads: int | None = None, programs: int | None = None):
+                  group_heads: int | None = None, programs: int | None = None, dynamic: bool | None = None):
     """Launch the kernel.  q [B, H, M, D], k / v [B, HK, N, D] (16-bit, last dim contiguous, TMA-aligned);
     ``causal_right`` < 0: no causal mask, else key j is visible to row i iff j <= i + shift + causal_right.
     Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
@@ -426,10 +476,12 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     ``block_n``: keys per block (default ``BLOCK_N`` of the head dim); ``consumers``: consumer warp groups, 2 or
     3 (default ``CONSUMERS`` of the head dim for more than 128 queries, else 2); ``late``: the consumer loop that
     converts and sums P and rescales O in the next iteration (default: non-causal calls at ``LATE_HEAD_DIMS``
-    with two consumers); ``persistent``: one program per SM, each taking every SM-count-th tile (default:
-    non-causal calls within ``PERSISTENT_MAX_KEYS``; ``programs`` caps that grid below the SM count, which tests
-    use to give small problems several tiles a program); ``group_heads``: heads whose tiles are interleaved
-    (default ``common.head_group``).  ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch
+    with two consumers); ``persistent``: one program per SM, each running several tiles (default: non-causal
+    calls within ``PERSISTENT_MAX_KEYS``, causal calls at ``PERSISTENT_CAUSAL_HEAD_DIMS``; ``programs`` caps that
+    grid below the SM count, which tests use to give small problems several tiles a program); ``dynamic``: a
+    persistent program claims its next tile from a counter in launch order rather than taking every SM-count-th
+    one (default: under a causal mask, where tiles differ in length); ``group_heads``: heads whose tiles are
+    interleaved (default ``common.head_group``).  ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch
     (default ``REGISTERS`` of the consumer count, one program per SM; ``benchmarks/explore_gluon_fwd.py`` tries
     others)."""
     batch, heads, n_queries, head_d = q.shape
@@ -443,7 +495,10 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     if late is None:
         late = not has_right and head_d in LATE_HEAD_DIMS and consumers == 2
     if persistent is None:
-        persistent = not has_right and n_keys <= PERSISTENT_MAX_KEYS.get(head_d, 0)
+        persistent = (head_d in PERSISTENT_CAUSAL_HEAD_DIMS if has_right
+                      else n_keys <= PERSISTENT_MAX_KEYS.get(head_d, 0))
+    if dynamic is None:
+        dynamic = has_right
     if group_heads is None:
         group_heads = head_group(has_right, 2 * n_keys * head_d * k.element_size())
     default_regs, default_maxnreg = REGISTERS[consumers]
@@ -453,10 +508,12 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     n_tiles = n_m_blocks * batch * heads
     # The persistent grid holds one program per SM: REGISTERS and the shared memory allow no second one.
     n_programs = min(n_tiles, programs or sm_count(q.device)) if persistent else n_tiles
+    dynamic = dynamic and n_programs < n_tiles
+    sched = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else lse
     _gluon_fwd_kernel[(n_programs,)](
-        _descriptor(q, ROWS_PER_CONSUMER), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
+        _descriptor(q, ROWS_PER_CONSUMER), _descriptor(k, block_n), _descriptor(v, block_n), out, lse, sched,
         out.stride(0), out.stride(1), out.stride(2), heads, heads // kv_heads, n_queries, n_keys, n_m_blocks,
         batch * heads, group_heads, n_programs, shift if has_right else 0, causal_right if has_right else 0,
         scale * LOG2E, HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=24, CONSUMERS=consumers, LATE=late, PERSISTENT=n_programs < n_tiles,
-        num_warps=4, maxnreg=maxnreg)
+        DYNAMIC=dynamic, num_warps=4, maxnreg=maxnreg)

@@ -71,9 +71,10 @@ LATE_HEAD_DIMS = (128, 256)
 PERSISTENT_MAX_KEYS = {128: 4096}
 # Head dims whose causal calls run a persistent grid whose programs claim tiles from a counter in launch order
 # (longest first, ``common.tile_coords``), as the hardware hands out a program per tile, but without a program's
-# start and end between tiles: 2-4 % faster at head dim 128 and 1.6-1.8 % at 64 with 16k keys (flat at 4k), flat
-# at 256 (benchmarks/reference, "eighth pass").  Taking every SM-count-th tile instead leaves some SMs all the
-# long tiles (19 % slower at head dim 128, 4k).
+# start and end between tiles.  Against a program per tile on the H100: head dim 128 4-5 % faster at 4k keys and
+# 0.4-3.6 % at 16k; head dim 64 0-1.4 % at 4k and 1.5-2.1 % at 16k; flat at 256, which keeps a program per tile
+# (benchmarks/reference, "eighth pass").  Taking every SM-count-th tile instead leaves some SMs all the long
+# tiles (19 % slower at head dim 128, 4k).
 PERSISTENT_CAUSAL_HEAD_DIMS = (64, 128)
 
 # Triton 3.9 renamed the TMA load; 3.5 - 3.8 only know the old name.
@@ -481,9 +482,9 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     grid below the SM count, which tests use to give small problems several tiles a program); ``dynamic``: a
     persistent program claims its next tile from a counter in launch order rather than taking every SM-count-th
     one (default: under a causal mask, where tiles differ in length); ``group_heads``: heads whose tiles are
-    interleaved (default ``common.head_group``).  ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch
-    (default ``REGISTERS`` of the consumer count, one program per SM; ``benchmarks/explore_gluon_fwd.py`` tries
-    others)."""
+    interleaved (default ``common.head_group``).  ``consumer_regs`` / ``maxnreg``: registers per consumer thread
+    and at launch (default ``REGISTERS`` of the consumer count, one program per SM;
+    ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     if block_n is None:

@@ -10,26 +10,14 @@ with Gluon only.
 """
 
 import argparse
-import time
 
 import torch
 import triton
+from host_overhead import timed
 
 import fa_inductor
 from fa_inductor.kernels import gluon_fwd
 from fa_inductor.kernels.common import empty_lse, empty_output
-
-
-def host_and_wall(fn, calls=100):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - start) / calls * 1e3
-    torch.cuda.synchronize()
-    return host, (time.perf_counter() - start) / calls * 1e3
 
 
 def main():
@@ -52,7 +40,7 @@ def main():
                                                                             persistent=False),
     }
     for name, fn in fns.items():
-        host, wall = host_and_wall(fn)
+        host, wall = (seconds * 1e3 for seconds in timed(fn, calls=100, warmup=5))
         print(f"{name}: host {host:.3f} ms/call, wall {wall:.3f} ms/call, "
               f"do_bench {triton.testing.do_bench(fn, warmup=25, rep=100):.3f} ms", flush=True)
     shipped = gluon_fwd.PERSISTENT_CAUSAL_HEAD_DIMS

@@ -30,6 +30,11 @@ class Settings:
             raise ValueError(f"fa_inductor: min_seq_len must be >= 0, got {self.min_seq_len}")
         object.__setattr__(self, "forms", frozenset(self.forms))
 
+    def cache_key(self) -> str:
+        """A spelling of these settings that is the same in every process (a frozenset's repr follows string
+        hashing, which Python randomises per process), for keys of caches that outlive the process."""
+        return f"min_seq_len={self.min_seq_len};forms={','.join(sorted(self.forms))};fold_gqa={self.fold_gqa}"
+
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
         """Defaults, then environment variables, then explicit keyword arguments."""

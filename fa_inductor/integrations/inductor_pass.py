@@ -38,14 +38,23 @@ class AttentionPass(CustomGraphPass):
             print(ExplainReport(sites), flush=True)
 
     def uuid(self) -> str:
-        digest = hashlib.sha256(repr((self.settings, self.explain)).encode())
+        digest = hashlib.sha256(f"{self.settings.cache_key()};explain={self.explain}".encode())
         for name in _SOURCES:
             digest.update((_PACKAGE / name).read_bytes())
         return digest.hexdigest()
 
 
+# Inductor's pre_grad_pass_timing before install() set it, restored by uninstall().
+_saved_timing: list = []
+
+
 def install(explain: bool = False, **settings) -> AttentionPass:
-    """Make every Inductor compilation rewrite attention (``torch.compile(model)`` with the default backend)."""
+    """Make every Inductor compilation rewrite attention (``torch.compile(model)`` with the default backend).
+
+    Where Inductor can run pre-grad passes after its cache lookup (``config.pre_grad_pass_timing``), the pass is
+    set to run before it instead: a warm cache would otherwise skip the pass, so the ``fa_inductor`` counters
+    and ``FA_INDUCTOR=explain`` would report nothing although the cached graph calls the kernels.  The cache
+    still works: its key is then taken from the rewritten graph."""
     from torch._inductor import config
 
     current = config.pre_grad_custom_pass
@@ -53,13 +62,19 @@ def install(explain: bool = False, **settings) -> AttentionPass:
         raise RuntimeError(f"fa_inductor: Inductor's pre_grad_custom_pass is already set ({current!r}); "
                            "not replacing it")
     attention_pass = AttentionPass(Settings.from_env(**settings), explain)
+    if hasattr(config, "pre_grad_pass_timing") and not _saved_timing:
+        _saved_timing.append(config.pre_grad_pass_timing)
+        config.pre_grad_pass_timing = "early"
     config.pre_grad_custom_pass = attention_pass
     log.info("fa_inductor: attention rewrite installed as Inductor's pre-grad pass")
     return attention_pass
 
 
 def uninstall() -> None:
+    """Undo ``install()``: Inductor's pre-grad pass and its timing are as they were before."""
     from torch._inductor import config
 
     if isinstance(config.pre_grad_custom_pass, AttentionPass):
         config.pre_grad_custom_pass = None
+    if _saved_timing:
+        config.pre_grad_pass_timing = _saved_timing.pop()

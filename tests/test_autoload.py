@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from fa_inductor.config import Settings
 from fa_inductor.integrations.inductor_pass import AttentionPass, install, uninstall

@@ -1,13 +1,13 @@
 """Host (CPU) time of one eager forward + backward call, fa_inductor against SDPA (cuDNN on an H100).
 
-    python benchmarks/host_overhead.py [--layers [--rounds N]] [--profile]
+    python benchmarks/host_overhead.py [--layers [--rounds N]] [--profile] [--profile-forward]
 
 For each shape: the wall time per call of 20 back-to-back calls without synchronising (the host's cost, as long
 as the GPU queue does not fill) and with the final synchronisation (the host's and the GPU's together).  When the
 first approaches the second, the call is host-bound.  ``--layers`` also times each layer of the call stack alone
 on a tiny shape (host microseconds per call), from the kernel launches up to the public function.
 ``--profile`` runs cProfile over 200 such forward + backward calls and prints the functions with the most time
-of their own and the most time below them.
+of their own and the most time below them; ``--profile-forward`` does the same for forward calls alone.
 """
 
 from __future__ import annotations
@@ -107,6 +107,11 @@ def layers(rounds: int) -> None:
             torch.ops.fa_inductor.flash_attention_forward(qg, kg, vg, scale, True, False)[0], (qg, kg, vg), g),
         "EagerAttention, forward + backward": lambda: torch.autograd.grad(eager(qg, kg, vg)[0], (qg, kg, vg), g),
         "EagerAttention, forward (no grad)": lambda: eager(q, k, v),
+        "EagerAttention, forward (inputs require grad)": lambda: eager(qg, kg, vg),
+        "scaled_dot_product_attention, forward (inputs require grad)": lambda: fa_inductor.scaled_dot_product_attention(
+            qg, kg, vg, is_causal=True),
+        "SDPA, forward (inputs require grad)": lambda: torch.nn.functional.scaled_dot_product_attention(
+            qg, kg, vg, is_causal=True),
         "EagerAttention, backward (graph kept)": lambda: torch.autograd.grad(
             eager_out, (qg, kg, vg), g, retain_graph=True),
         "scaled_dot_product_attention, forward + backward": lambda: torch.autograd.grad(
@@ -125,13 +130,17 @@ def layers(rounds: int) -> None:
         print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f} | {max(values):.1f} |", flush=True)
 
 
-def profile(calls: int = 200) -> None:
+def profile(calls: int = 200, forward_only: bool = False) -> None:
+    """cProfile over ``calls`` eager calls on a tiny causal shape: forward + backward, or (``forward_only``)
+    the forward alone with inputs that require grad, as ``bench_attention.py`` times it."""
     q, k, v = (torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     grad = torch.randn_like(q)
 
     def step():
-        torch.autograd.grad(fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
+        out = fa_inductor.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if not forward_only:
+            torch.autograd.grad(out, (q, k, v), grad)
 
     timed(step, calls=5, warmup=5)
     # The autograd engine runs backward on its own thread, which cProfile would not see.
@@ -144,7 +153,8 @@ def profile(calls: int = 200) -> None:
     torch.cuda.synchronize()
     torch.autograd.set_multithreading_enabled(True)
     stats = pstats.Stats(profiler)
-    print(f"\ncProfile of {calls} forward + backward calls (1 x 2 x 256 x 128, causal), by own time:")
+    what = "forward" if forward_only else "forward + backward"
+    print(f"\ncProfile of {calls} {what} calls (1 x 2 x 256 x 128, causal), by own time:")
     stats.sort_stats("tottime").print_stats(30)
     print("by cumulative time:")
     stats.sort_stats("cumulative").print_stats(60)
@@ -154,10 +164,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-forward", action="store_true", help="cProfile of eager forward calls alone")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --layers")
     options = parser.parse_args()
-    if options.profile:
-        profile()
+    if options.profile or options.profile_forward:
+        profile(forward_only=options.profile_forward)
     if options.layers:
         layers(options.rounds)
     main()

@@ -135,10 +135,16 @@ def _broadcast_heads(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
         heads, kv_heads = hq, hk
     else:
         heads = kv_heads = _broadcast_shapes((hq,), (hk,), (hv,))[0]
-    query = query.expand(batch, heads, *query.shape[2:])
-    key = key.expand(batch, kv_heads, *key.shape[2:])
-    value = value.expand(batch, kv_heads, *value.shape[2:])
-    return query, key, value, squeeze
+    return _expand(query, batch, heads), _expand(key, batch, kv_heads), _expand(value, batch, kv_heads), squeeze
+
+
+def _expand(x: Tensor, batch, heads) -> Tensor:
+    """``x`` [b, h, L, E] expanded to [batch, heads, L, E]; ``x`` itself when that changes nothing and the sizes
+    are static (a view costs host time on every eager call; symbolic sizes are never compared, no guard)."""
+    lead = (*x.shape[:2], batch, heads)
+    if all(type(size) is int for size in lead) and lead[:2] == lead[2:]:
+        return x
+    return x.expand(batch, heads, *x.shape[2:])
 
 
 def _validate_extensions(query: Tensor, window_size, key_lengths, query_lengths, softcap, bottom_right) -> None:

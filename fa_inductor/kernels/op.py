@@ -206,13 +206,18 @@ def _gluon_forward_module():
     return gluon_fwd
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _gluon_usable(*tensors: Tensor) -> bool:
     """The checks that depend on the data, made when the op runs: a capability-9.0 device, non-empty query and
     key sets, and operands TMA can read."""
     module = _gluon_forward_module()
     query, key = tensors[0], tensors[1]
-    return (module is not None and query.shape[2] > 0 and key.shape[2] > 0
-            and torch.cuda.get_device_capability(query.device) == (9, 0)
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    return (module is not None and query.shape[2] > 0 and key.shape[2] > 0 and _capability(index) == (9, 0)
             and all(module.tma_compatible(t) for t in tensors))
 
 
@@ -534,12 +539,15 @@ class EagerAttention(torch.autograd.Function):
     registered op (and the custom-op autograd wrapper) tens to hundreds of microseconds of host time per call.
     ``apply`` takes the forward op's arguments, all positional, and returns (out, lse)."""
 
+    # forward takes ctx itself (no ``setup_context``): with a separate setup_context, ``Function.apply`` binds
+    # the arguments through ``inspect.signature`` on every call, which cost 10-60 us of host time.  Functorch
+    # transforms, which need setup_context, never reach this class (``eager_applies``).
     @staticmethod
-    def forward(*inputs):
+    def forward(ctx, *inputs):
         with _profiled("fa_inductor::flash_attention_forward"), direct_launches():
-            return _attention_forward(True, *inputs)
-
-    setup_context = staticmethod(_setup_context)
+            output = _attention_forward(True, *inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -149,6 +149,14 @@ def _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries, n_keys, sh
 
 
 @gluon.jit
+def _write_tile(tile_smem, tile):
+    """Leave the tile index in shared memory for the consumers (the producer's single warp; published by the
+    arrive on Q's mbarrier that follows)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    tile_smem.store(gl.full([1], tile, gl.int32, layout=layout))
+
+
+@gluon.jit
 def _read_tile(tile_smem):
     """The tile index the producer left in shared memory (read by a consumer warp group after Q's mbarrier)."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
@@ -337,7 +345,6 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_
     the next SM-count-th one, or with ``DYNAMIC`` the next unclaimed one in launch order, claimed from the
     counter ``Sched`` once this tile's last key block is on its way (so tiles of different lengths go to
     whichever SM frees up first, as the hardware does with a program per tile)."""
-    tile_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     base = n_tiles * 0
     t = n_tiles * 0
     tile = gl.program_id(0)
@@ -349,7 +356,7 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_
         mbarrier.wait(q_empty, (t & 1) ^ 1)
         if DYNAMIC:
             # Published to the consumers by the arrive below (release) and their wait on q_bar (acquire).
-            tile_smem.store(gl.full([1], tile, gl.int32, layout=tile_layout))
+            _write_tile(tile_smem, tile)
         mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
         for wg in gl.static_range(CONSUMERS):
             _tma_load(q_desc, [off_b, off_h, start_m + wg * WG_M, 0], q_bar, q_bufs.index(wg))
@@ -371,7 +378,7 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_
     if DYNAMIC:
         # The end: an index past the last tile, published like the others (no Q load this time).
         mbarrier.wait(q_empty, (t & 1) ^ 1)
-        tile_smem.store(gl.full([1], tile, gl.int32, layout=tile_layout))
+        _write_tile(tile_smem, tile)
         mbarrier.arrive(q_bar, count=1)
 
 

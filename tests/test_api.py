@@ -279,12 +279,12 @@ def test_eager_path_matches_the_op(device, dropout):
     from fa_inductor.kernels.rng import new_rng_state
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q = rand(2, 4, 45, 32, device=device, dtype=dtype).requires_grad_()
-    k, v = (rand(2, 2, 51, 32, device=device, dtype=dtype).requires_grad_() for _ in range(2))
-    bias = rand(2, 4, 45, 51, device=device, dtype=dtype).requires_grad_()
+    q = rand(1, 4, 45, 32, device=device, dtype=dtype).requires_grad_()
+    k, v = (rand(1, 2, 51, 32, device=device, dtype=dtype).requires_grad_() for _ in range(2))
+    bias = rand(1, 4, 45, 51, device=device, dtype=dtype).requires_grad_()
     rng_state = new_rng_state(q.device) if dropout else None
     assert eager_applies(q, k, v, bias, rng_state)
-    weights = rand(2, 4, 45, 32, device=device, dtype=dtype), rand(2, 4, 45, device=device)
+    weights = rand(1, 4, 45, 32, device=device, dtype=dtype), rand(1, 4, 45, device=device)
     results = []
     for call in (EagerAttention.apply, torch.ops.fa_inductor.flash_attention_forward):
         out, lse = call(*_op_arguments(q, k, v, bias, rng_state))

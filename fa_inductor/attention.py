@@ -45,6 +45,8 @@ def _broadcast_shapes(*shapes) -> torch.Size:
     traced calls and symbolic sizes go to torch's."""
     if torch.compiler.is_compiling() or not all(type(size) is int for shape in shapes for size in shape):
         return torch.broadcast_shapes(*shapes)
+    if all(shape == shapes[0] for shape in shapes[1:]):
+        return torch.Size(shapes[0])
     ndim = max(len(shape) for shape in shapes)
     result = [1] * ndim
     for shape in shapes:

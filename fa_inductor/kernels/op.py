@@ -540,8 +540,8 @@ class EagerAttention(torch.autograd.Function):
     ``apply`` takes the forward op's arguments, all positional, and returns (out, lse)."""
 
     # forward takes ctx itself (no ``setup_context``): with a separate setup_context, ``Function.apply`` binds
-    # the arguments through ``inspect.signature`` on every call, which cost 10-60 us of host time.  Functorch
-    # transforms, which need setup_context, never reach this class (``eager_applies``).
+    # the arguments through ``inspect.signature`` on every call (70 against 20-24 us per apply on a CPU here).
+    # Functorch transforms, which need setup_context, never reach this class (``eager_applies``).
     @staticmethod
     def forward(ctx, *inputs):
         with _profiled("fa_inductor::flash_attention_forward"), direct_launches():

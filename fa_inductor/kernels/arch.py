@@ -19,7 +19,7 @@ import functools
 import os
 from typing import Optional
 
-__all__ = ["Arch", "ARCHES", "ARCH_ENV", "arch_by_name", "arch_for_capability", "current_arch"]
+__all__ = ["Arch", "ARCHES", "ARCH_ENV", "arch_by_name", "arch_for_capability", "current_arch", "device_capability"]
 
 ARCH_ENV = "FA_INDUCTOR_ARCH"
 
@@ -85,10 +85,24 @@ def arch_for_capability(capability: tuple[int, int]) -> Arch:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_arch(index: int) -> Arch:
+def _capability(index: int) -> tuple[int, int]:
     import torch
 
-    return arch_for_capability(torch.cuda.get_device_capability(index))
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_capability(device_index: Optional[int] = None) -> tuple[int, int]:
+    """The CUDA device's compute capability, read once per device (``FA_INDUCTOR_ARCH`` does not change it)."""
+    import torch
+
+    if device_index is None:
+        device_index = torch.cuda.current_device()
+    return _capability(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(index: int) -> Arch:
+    return arch_for_capability(_capability(index))
 
 
 def current_arch(device_index: Optional[int] = None) -> Arch:

@@ -43,7 +43,7 @@ from torch import Tensor
 from . import blockwise
 from .common import direct_launches, dot_options, empty_lse, empty_output, is_interpreted
 from . import autotune
-from .arch import current_arch
+from .arch import current_arch, device_capability
 from .configs import INTERPRETER_CONFIG, Direction
 from . import flash_decode
 from .flash_bwd import _bwd_kv_kernel, flash_backward
@@ -206,18 +206,13 @@ def _gluon_forward_module():
     return gluon_fwd
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def _gluon_usable(*tensors: Tensor) -> bool:
     """The checks that depend on the data, made when the op runs: a capability-9.0 device, non-empty query and
     key sets, and operands TMA can read."""
     module = _gluon_forward_module()
     query, key = tensors[0], tensors[1]
-    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    return (module is not None and query.shape[2] > 0 and key.shape[2] > 0 and _capability(index) == (9, 0)
+    return (module is not None and query.shape[2] > 0 and key.shape[2] > 0
+            and device_capability(query.device.index) == (9, 0)
             and all(module.tma_compatible(t) for t in tensors))
 
 

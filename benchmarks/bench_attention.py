@@ -18,7 +18,10 @@ with ``error`` set; the run carries on.  ``--rounds N`` times the implementation
 rounds and reports medians over the rounds (``round_ms`` holds each round's time), so that a drift of the GPU's
 clocks does not land on one implementation only. Results go to ``<out-dir>/<stem>.{json,md,png}``; with
 ``--compare`` the fa_inductor/peer TFLOP/s ratios also go to ``<stem>_compare.md`` (they are always
-in the JSON under ``compare``).
+in the JSON under ``compare``).  ``--graph`` also times each forward (fwd mode) captured in a CUDA graph and
+replayed (``graph_ms``): the GPU's time alone, for shapes whose eager calls the host may time (an eager
+fa_inductor forward costs the host 0.2-0.6 ms, SDPA's about 0.03 ms); its ratios go to
+``<stem>_graph_compare.md`` and to the JSON under ``graph_compare``.
 
 ``bench_masks.py`` builds on this script's pieces (inputs, timed steps, SDPA/Flex callers, comparisons,
 command-line options) for causal, sliding-window, key-padding and block-sparse attention.
@@ -50,6 +53,7 @@ from harness import (
     attention_flops,
     collect,
     free_memory,
+    graph_time_ms,
     markdown_table,
     measure,
     peak_memory_mib,
@@ -66,7 +70,8 @@ REFERENCE = "fa_inductor"
 # naive_inductor materialises B·H·L·L scores; beyond this many bytes (at 2 bytes each) it is skipped.
 NAIVE_SCORES_LIMIT_BYTES = 8 * 2**30
 TABLE_COLUMNS = (
-    "impl", "dtype", "batch", "heads", "seqlen", "head_dim", "causal", "mode", "ms", "tflops", "peak_mib", "error",
+    "impl", "dtype", "batch", "heads", "seqlen", "head_dim", "causal", "mode", "ms", "tflops", "graph_ms",
+    "peak_mib", "error",
 )  # fmt: skip
 
 Tensor = torch.Tensor
@@ -227,12 +232,19 @@ def _mode_step(attention: AttentionFn, inputs: Sequence[Tensor], mode: str) -> C
 
 def run_mode(attention: AttentionFn, inputs: Sequence[Tensor], mode: str, args: argparse.Namespace,
              memory: bool = True) -> dict:
-    """Time ``attention`` in ``mode`` (after one untimed call) and, with ``memory``, measure its peak memory."""
+    """Time ``attention`` in ``mode`` (after one untimed call) and, with ``memory``, measure its peak memory.
+    With ``args.graph`` (``--graph``) a forward is also timed as a CUDA graph replay (``graph_ms``)."""
     step = _mode_step(attention, inputs, mode)
     step()  # compile and autotune outside the timed region
     timing = time_ms(step, warmup=args.warmup, rep=args.rep, device=args.device)
     _clear_grads(inputs)
-    return {**timing, "peak_mib": peak_memory_mib(step, device=args.device) if memory else None}
+    graph = None
+    if getattr(args, "graph", False) and mode == "fwd":
+        # A call that cannot be captured loses its graph time only (the error is printed), not its row.
+        graph, _ = measure("CUDA graph", lambda: graph_time_ms(step, warmup=args.warmup, rep=args.rep,
+                                                               device=args.device))
+    return {**timing, "graph_ms": graph["ms"] if graph else None,
+            "peak_mib": peak_memory_mib(step, device=args.device) if memory else None}
 
 
 def _row(impl: str, shape: Shape, mode: str, result: dict | None, error: str | None) -> dict[str, Any]:
@@ -245,6 +257,8 @@ def _row(impl: str, shape: Shape, mode: str, result: dict | None, error: str | N
         "ms_p20": result.get("ms_p20"),
         "ms_p80": result.get("ms_p80"),
         "tflops": tflops(shape.flops(mode), result.get("ms")),
+        "graph_ms": result.get("graph_ms"),
+        "graph_tflops": tflops(shape.flops(mode), result.get("graph_ms")),
         "peak_mib": result.get("peak_mib"),
         "error": error,
     }
@@ -307,6 +321,8 @@ def _interleaved_rows(shape: Shape, inputs: Sequence[Tensor], args: argparse.Nam
                 yield _row(impl, shape, mode, None, errors[(impl, mode)])
                 continue
             combined = {key: statistics.median(r[key] for r in done) for key in ("ms", "ms_p20", "ms_p80")}
+            graphs = [r["graph_ms"] for r in done if r.get("graph_ms") is not None]
+            combined["graph_ms"] = statistics.median(graphs) if graphs else None
             combined["peak_mib"] = done[0]["peak_mib"]
             yield {**_row(impl, shape, mode, combined, None), "round_ms": [r["ms"] for r in done]}
 
@@ -340,12 +356,15 @@ def compare_rows(
     reference: str = REFERENCE,
     keys: Sequence[str] = COMPARE_KEYS,
     order: Sequence[str] = COMPARE_ORDER,
+    value: str = "tflops",
 ) -> list[dict]:
     """Per case (the values of ``keys``): ``reference`` TFLOP/s divided by each peer's (None where either
-    failed), sorted by the ``order`` keys (``mode`` in ``MODES`` order), otherwise in order of appearance."""
+    failed), sorted by the ``order`` keys (``mode`` in ``MODES`` order), otherwise in order of appearance.
+    ``value`` names the throughput column (``graph_tflops``: the CUDA-graph times); rows without it are skipped."""
     throughput: dict[tuple, dict[str, float | None]] = {}
     for row in rows:
-        throughput.setdefault(tuple(row[k] for k in keys), {})[row["impl"]] = row["tflops"]
+        if value in row and (value == "tflops" or row[value] is not None):
+            throughput.setdefault(tuple(row[k] for k in keys), {})[row["impl"]] = row[value]
     peers = [impl for impl in dict.fromkeys(row["impl"] for row in rows) if impl != reference]
     compared = []
     for key, by_impl in throughput.items():
@@ -364,22 +383,27 @@ def _compare_table(compared: Sequence[dict], columns: Sequence[str]) -> str:
     return markdown_table(shown, columns)
 
 
-def write_compare(compared: Sequence[dict], out_dir: Path, stem: str, columns: Sequence[str] = COMPARE_ORDER) -> None:
+def write_compare(compared: Sequence[dict], out_dir: Path, stem: str, columns: Sequence[str] = COMPARE_ORDER,
+                  what: str = "") -> None:
     """Print the ``compare_rows`` table (``columns``, then the ratios), write ``<stem>_compare.md`` and plot
-    the ratios against sequence length, one line per peer, in ``<stem>_compare.png``."""
+    the ratios against sequence length, one line per peer, in ``<stem>_compare.png``.  ``what`` qualifies the
+    times in the titles (e.g. "CUDA-graph")."""
     if not compared:
         print(f"--compare: no {REFERENCE} rows to compare", file=sys.stderr)
         return
     table = _compare_table(compared, columns)
     path = out_dir / f"{stem}_compare.md"
-    path.write_text(f"# {REFERENCE} TFLOP/s relative to peers (>1 means {REFERENCE} is faster)\n\n{table}\n")
-    print(f"\n{REFERENCE} TFLOP/s / peer TFLOP/s\n\n{table}\n\nwrote {path}")
+    kind = f"{what} " if what else ""
+    path.write_text(f"# {REFERENCE} {kind}TFLOP/s relative to peers (>1 means {REFERENCE} is faster)\n\n"
+                    f"{table}\n")
+    print(f"\n{REFERENCE} {kind}TFLOP/s / peer {kind}TFLOP/s\n\n{table}\n\nwrote {path}")
     long_rows = [{**{k: v for k, v in row.items() if not k.startswith("vs_")}, "peer": k[3:], "ratio": v}
                  for row in compared for k, v in row.items() if k.startswith("vs_")]
-    spec = PlotSpec(y="ratio", series="peer", ylabel=f"{REFERENCE} / peer TFLOP/s", reference_line=1.0,
+    spec = PlotSpec(y="ratio", series="peer", ylabel=f"{REFERENCE} / peer {kind}TFLOP/s", reference_line=1.0,
                     panels=tuple(k for k in columns if k != "seqlen"))
     plot = out_dir / f"{stem}_compare.png"
-    if write_plot(long_rows, plot, f"{REFERENCE} relative to peers (above 1: faster)", spec):
+    if write_plot(long_rows, plot, f"{REFERENCE} relative to peers{f' ({what} times)' if what else ''} (above 1: "
+                  "faster)", spec):
         print(f"wrote {plot}")
 
 
@@ -450,6 +474,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true", help=f"print and write {REFERENCE}/peer TFLOP/s ratios")
     p.add_argument("--rounds", type=int, default=1,
                    help="time every implementation of a shape this many times, interleaved, and report medians")
+    p.add_argument("--graph", action="store_true",
+                   help="also time each forward as a CUDA graph replay (the GPU's time without the host's)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -463,11 +489,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     with benchmark_context():
         rows = collect(bench_rows(args))
     compared = compare_rows(rows)
-    extra = {"args": args_record(args), "compare": compared}
+    graph_compared = compare_rows(rows, value="graph_tflops") if args.graph else []
+    extra = {"args": args_record(args), "compare": compared, "graph_compare": graph_compared}
     title = "Attention: " + ", ".join(args.impls)
     write_results(rows, args.out_dir, args.stem, title, PlotSpec(), table_columns=TABLE_COLUMNS, extra=extra)
     if args.compare:
         write_compare(compared, args.out_dir, args.stem)
+        if graph_compared:
+            write_compare(graph_compared, args.out_dir, f"{args.stem}_graph", what="CUDA-graph")
 
 
 if __name__ == "__main__":

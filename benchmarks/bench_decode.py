@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from harness import PlotSpec, collect, measure, time_ms, write_results
+from harness import PlotSpec, collect, graph_time_ms, measure, time_ms, write_results
 
 IMPLS = ("fa_inductor", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -83,17 +83,8 @@ def _call(impl: str, q, k, v):
 
 def graph_ms(fn, args: argparse.Namespace) -> float | None:
     """Time of ``fn`` captured once in a CUDA graph and replayed (None on CPU)."""
-    if not str(args.device).startswith("cuda"):
-        return None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_ms(graph.replay, warmup=args.warmup, rep=args.rep, device=args.device)["ms"]
+    timing = graph_time_ms(fn, warmup=args.warmup, rep=args.rep, device=args.device)
+    return timing["ms"] if timing else None
 
 
 def bench_rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:

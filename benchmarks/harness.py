@@ -171,6 +171,28 @@ def time_ms(
     return {"ms": median, "ms_p20": p20, "ms_p80": p80}
 
 
+def graph_time_ms(
+    fn: Callable[[], Any], warmup: int = 25, rep: int = 100, device: str | torch.device | None = None
+) -> dict[str, float] | None:
+    """``time_ms`` of ``fn`` captured once in a CUDA graph and replayed: the GPU's time without the host's
+    (Python, launches), as under ``mode="reduce-overhead"``.  ``fn`` runs once on a side stream first, as
+    capture requires.  None on CPU."""
+    if not _is_cuda(device):
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return time_ms(graph.replay, warmup=warmup, rep=rep, device=device)
+    finally:
+        del graph
+
+
 def peak_memory_mib(fn: Callable[[], Any], device: str | torch.device | None = None) -> float | None:
     """Peak CUDA memory allocated while running ``fn`` once, above what was allocated before; None on CPU."""
     if not _is_cuda(device):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels.masking import SPARSE_BLOCK
-from .kernels.op import EagerAttention, eager_applies
+from .kernels.op import eager_applies, eager_attention
 from .kernels.rng import new_rng_state
 
 __all__ = ["scaled_dot_product_attention", "block_sparse_attention", "flash_attention", "fallback_reason"]
@@ -316,7 +316,7 @@ def flash_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[f
     args = (q, k, v, float(scale), bool(is_causal), bool(bottom_right), bias, int(window[0]), int(window[1]),
             seqlens_q, seqlens_k, float(softcap), float(dropout_p), rng_state, blocks, int(block_size))
     if eager_applies(q, k, v, bias, seqlens_q, seqlens_k, rng_state, blocks):
-        out, lse = EagerAttention.apply(*args)  # same computation, less host time per call
+        out, lse = eager_attention(*args)  # same computation, less host time per call
     else:
         out, lse = torch.ops.fa_inductor.flash_attention_forward(*args)
     if nan_empty_rows:

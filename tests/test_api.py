@@ -3,11 +3,13 @@ under torch.compile / export / CUDA graphs / the profiler."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
@@ -293,6 +295,38 @@ def test_eager_path_matches_the_op(device, dropout):
     for name, eager, op in zip(("out", "lse", "dq", "dk", "dv", "dbias"), *results):
         assert torch.equal(eager, op), name
     assert results[0][2].abs().sum() > 0 and results[0][5].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_path_skips_the_autograd_function_when_nothing_records_grad(device):
+    """Inference calls (no_grad, inference_mode, inputs without grad) run the op's body without EagerAttention,
+    with the same results; calls that autograd records, forward AD included, still go through it."""
+    import torch.autograd.forward_ad as fwad
+
+    from fa_inductor.kernels import op
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = rand(1, 4, 45, 32, device=device, dtype=dtype)
+    k, v = (rand(1, 2, 51, 32, device=device, dtype=dtype) for _ in range(2))
+    expected = fa_inductor.scaled_dot_product_attention(q.requires_grad_(), k, v, is_causal=True, enable_gqa=True)
+    assert expected.requires_grad
+    q.requires_grad_(False)
+    unused = mock.patch.object(op.EagerAttention, "apply", side_effect=AssertionError("EagerAttention was used"))
+    for context in (contextlib.nullcontext, torch.no_grad, torch.inference_mode):
+        for needs_grad in ((False,) if context is contextlib.nullcontext else (False, True)):
+            with context(), unused:
+                out = fa_inductor.scaled_dot_product_attention(q.detach().requires_grad_(needs_grad), k, v,
+                                                               is_causal=True, enable_gqa=True)
+            assert not out.requires_grad
+            assert torch.equal(out, expected.detach()), (context, needs_grad)
+    with mock.patch.object(op.EagerAttention, "apply", wraps=op.EagerAttention.apply) as applied:
+        fa_inductor.scaled_dot_product_attention(q, k.requires_grad_(), v, enable_gqa=True)
+        assert applied.call_count == 1
+        k.requires_grad_(False)
+        # Forward-mode AD: the Function has no jvp, so the call fails loudly instead of dropping the tangent.
+        with fwad.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+            fa_inductor.scaled_dot_product_attention(fwad.make_dual(q, torch.ones_like(q)), k, v, enable_gqa=True)
+        assert applied.call_count == 2
 
 
 def test_eager_path_only_for_plain_eager_calls():

@@ -23,9 +23,10 @@ when it is enabled (``TRITON_INTERPRET=1`` before import) and otherwise an exact
 with memory linear in sequence length.
 
 Eager calls of the public functions on plain tensors (``eager_applies``: no compiler, tracer, mode, subclass or
-functorch transform) take ``EagerAttention`` instead: an autograd.Function over the same op bodies, called as Python
-functions with the Triton kernels launched directly, which saves the dispatcher's and ``wrap_triton``'s host time.
-Everything that records or transforms the call sees the registered ops.
+functorch transform) take ``eager_attention`` instead: the same op bodies, called as Python functions with the
+Triton kernels launched directly, which saves the dispatcher's and ``wrap_triton``'s host time; inside
+``EagerAttention`` (an autograd.Function) when autograd records the call, bare otherwise.  Everything that records
+or transforms the call sees the registered ops.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from .flash_fwd import _flash_fwd_kernel, flash_forward
 from .masking import SPARSE_BLOCK, MaskSpec, window_extents
 
 __all__ = ["flash_attention_forward", "flash_attention_backward", "cpu_runs_interpreter", "mask_spec",
-           "GLUON_ENV", "gluon_applies", "gluon_backward_applies", "EagerAttention", "eager_applies"]
+           "GLUON_ENV", "gluon_applies", "gluon_backward_applies", "EagerAttention", "eager_applies",
+           "eager_attention"]
 
 # FA_INDUCTOR_GLUON=0 keeps every call on the portable Triton kernels (A/B comparisons, debugging).
 GLUON_ENV = "FA_INDUCTOR_GLUON"
@@ -549,6 +551,29 @@ class EagerAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         with _profiled("fa_inductor::flash_attention_backward"), direct_launches():
             return _gradients(ctx, grad_out, grad_lse, direct=True)
+
+
+def eager_attention(*inputs):
+    """(out, lse) of ``flash_attention_forward`` for a call ``eager_applies`` accepted; takes the forward op's
+    arguments, all positional.  When autograd records the call (grad mode on and an input that requires grad, or
+    a forward-mode AD level open) this is ``EagerAttention.apply``; otherwise (inference: ``torch.no_grad``,
+    ``torch.inference_mode``, inputs without grad) the op's body runs without an autograd.Function, which saves
+    the host the Function's 20-35 us per call."""
+    if _records_grad(inputs):
+        return EagerAttention.apply(*inputs)
+    with _profiled("fa_inductor::flash_attention_forward"), direct_launches():
+        return _attention_forward(True, *inputs)
+
+
+_DIFFERENTIABLE = tuple(_FORWARD_ARGS.index(name) for name in ("query", "key", "value", "attn_bias"))
+
+
+def _records_grad(inputs) -> bool:
+    """Whether autograd would record a call on ``inputs`` (the forward op's positional arguments)."""
+    # An open forward-AD level may carry tangents on plain-looking tensors: let the Function see the call.
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
+        return True
+    return torch.is_grad_enabled() and any(inputs[i] is not None and inputs[i].requires_grad for i in _DIFFERENTIABLE)
 
 
 def _profiled(name: str):

@@ -12,6 +12,7 @@ import torch
 
 import fa_inductor  # noqa: F401  (registers the ops)
 from fa_inductor.kernels import op as op_module
+from fa_inductor.kernels.common import empty_output
 from attention_ref import assert_within_budget, attention_ref, lse_ref, torch_math
 from test_kernels import CAUSAL, make_qkv, run_case
 
@@ -46,6 +47,20 @@ def test_register_budgets_fit_the_register_file():
         assert default_regs >= consumer_regs, (consumers, default_regs)
         total = 128 * (default_regs + (consumers - 1) * consumer_regs + 24)
         assert total <= 64 * 1024, (consumers, total)
+
+
+@needs_gluon
+def test_tma_store_staging_fits_shared_memory():
+    """At ``TMA_STORE_HEAD_DIMS`` the O staging buffers sit next to Q's buffers and the K / V ring: all of it must
+    fit an H100's 227 KB of shared memory per block (a kernel that asks for more fails to launch)."""
+    limit = 227 * 1024
+    for head_d in gluon_fwd.HEAD_DIMS:
+        consumers = gluon_fwd.CONSUMERS.get(head_d, 2)
+        tiles = 2 * consumers * gluon_fwd.ROWS_PER_CONSUMER * head_d * 2  # Q buffers and O staging, 16-bit
+        ring = 2 * 2 * gluon_fwd.BLOCK_N[head_d] * head_d * 2  # K and V, two stages
+        fits = tiles + ring + 1024 <= limit  # with room for the mbarriers
+        assert fits or head_d not in gluon_fwd.TMA_STORE_HEAD_DIMS, head_d
+    assert 128 in gluon_fwd.TMA_STORE_HEAD_DIMS
 
 
 @needs_gluon
@@ -208,6 +223,39 @@ def test_gpu_gluon_forward_persistent_and_grouped(shape, head_d, consumers, late
         assert_within_budget(f"out {schedule}", out, theirs, ref, depth=n)
         assert (lse[~finite] == float("-inf")).all()
         torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_d,consumers,late", [(64, 3, False), (64, 2, False), (128, 2, True), (128, 2, False)])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}-{s[6]}-{s[7]}")
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_gluon_forward_tma_store_matches_register_stores(shape, head_d, consumers, late):
+    """O written through shared memory and TMA stores (``tma_store``, routed at ``TMA_STORE_HEAD_DIMS``) is
+    bit-identical to O stored from registers, in every schedule: tails past the last row, the causal partial
+    first tile (rows below 0 store from registers, the rest of the tile through TMA), several tiles a program.
+    An output TMA cannot write (a misaligned base) takes the register stores."""
+    batch, heads, kv_heads, m, n, causal, bottom_right, layout = shape
+    q, k, v = make_qkv(batch, heads, kv_heads, m, n, head_d, head_d, torch.bfloat16, "cuda", layout)
+    scale = head_d ** -0.5
+    shift = n - m if (causal and bottom_right) else 0
+    for schedule in (dict(persistent=False), dict(persistent=True, programs=5)):
+        results = []
+        for tma_store in (False, True):
+            out = empty_output(q, v).fill_(float("nan"))
+            lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+            gluon_fwd.gluon_forward(q, k, v, out, lse, scale, 0 if causal else -1, shift, consumers=consumers,
+                                    late=late, tma_store=tma_store, **schedule)
+            results.append((out, lse))
+        (out_r, lse_r), (out_t, lse_t) = results
+        assert not out_r.isnan().any()
+        assert torch.equal(out_t, out_r) and torch.equal(lse_t, lse_r), schedule
+    # An output view whose base is 2 bytes past a 16-byte boundary: not tma_compatible, stored from registers.
+    storage = torch.full((out_r.numel() + 1,), float("nan"), device="cuda", dtype=out_r.dtype)
+    shifted = storage[1:].view(out_r.shape)
+    assert not gluon_fwd.tma_compatible(shifted)
+    gluon_fwd.gluon_forward(q, k, v, shifted, torch.empty_like(lse_r), scale, 0 if causal else -1, shift,
+                            consumers=consumers, late=late, tma_store=True)
+    assert torch.equal(shifted, out_r.contiguous())
 
 
 BACKWARD_SHAPES = [

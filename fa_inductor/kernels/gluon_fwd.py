@@ -347,9 +347,10 @@ def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
 
     if TMA_STORE:
         # Through this warp group's staging buffer and one TMA store, which runs on while the warp group starts its
-        # next tile; TMA drops the rows past n_queries.  A TMA store at a negative row faults, so the partial first
-        # tile of a causal head (rows below 0, ``_fwd_tile``) stores from registers.
-        if row0 >= 0:
+        # next tile; TMA drops the rows past n_queries.  A TMA store whose box starts outside the tensor faults (a
+        # negative row did on the H100), so a warp group whose first row is below 0 (the partial first tile of a
+        # causal head, ``_fwd_tile``) or past the last row stores from registers.
+        if (row0 >= 0) & (row0 < n_queries):
             o_smem = o_bufs.index(WG)
             # The buffer's previous store must have read it before it is overwritten.
             tma.store_wait(0)

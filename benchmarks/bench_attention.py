@@ -363,7 +363,7 @@ def compare_rows(
     ``value`` names the throughput column (``graph_tflops``: the CUDA-graph times); rows without it are skipped."""
     throughput: dict[tuple, dict[str, float | None]] = {}
     for row in rows:
-        if value in row and (value == "tflops" or row[value] is not None):
+        if value == "tflops" or row.get(value) is not None:
             throughput.setdefault(tuple(row[k] for k in keys), {})[row["impl"]] = row[value]
     peers = [impl for impl in dict.fromkeys(row["impl"] for row in rows) if impl != reference]
     compared = []

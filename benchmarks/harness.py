@@ -187,10 +187,7 @@ def graph_time_ms(
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    try:
-        return time_ms(graph.replay, warmup=warmup, rep=rep, device=device)
-    finally:
-        del graph
+    return time_ms(graph.replay, warmup=warmup, rep=rep, device=device)
 
 
 def peak_memory_mib(fn: Callable[[], Any], device: str | torch.device | None = None) -> float | None:

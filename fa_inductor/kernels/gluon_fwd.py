@@ -176,8 +176,8 @@ def _read_tile(tile_smem):
 
 @gluon.jit
 def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out, Lse,
-              o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh, head_group, n_tiles,
-              n_programs, shift, right, qk_scale, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
+              o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
+              head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr,
               LATE: gl.constexpr, PERSISTENT: gl.constexpr, DYNAMIC: gl.constexpr, TMA_STORE: gl.constexpr):
     """One consumer warp group over the program's tiles: one, every n_programs-th (``PERSISTENT``), or those the
@@ -194,9 +194,9 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
         tile = _read_tile(tile_smem)
         while tile < n_tiles:
             base += _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                                   o_desc, o_bufs, tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om,
-                                   n_queries, n_keys, shift, right, qk_scale, base, HEAD_D, BLOCK_N, STAGES,
-                                   HAS_RIGHT, CONSUMERS, WG, LATE, TMA_STORE)
+                                   o_desc, o_bufs, tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob,
+                                   stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, base, HEAD_D,
+                                   BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, WG, LATE, TMA_STORE)
             t += 1
             mbarrier.wait(q_bar, t & 1)
             tile = _read_tile(tile_smem)
@@ -204,9 +204,9 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
         for tile in range(gl.program_id(0), n_tiles, n_programs):
             mbarrier.wait(q_bar, t & 1)
             base += _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                                   o_desc, o_bufs, tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om,
-                                   n_queries, n_keys, shift, right, qk_scale, base, HEAD_D, BLOCK_N, STAGES,
-                                   HAS_RIGHT, CONSUMERS, WG, LATE, TMA_STORE)
+                                   o_desc, o_bufs, tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob,
+                                   stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, base, HEAD_D,
+                                   BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, WG, LATE, TMA_STORE)
             t += 1
     else:
         mbarrier.wait(q_bar, 0)
@@ -465,13 +465,13 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, o_desc, Sched, stride_ob
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
-                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
-                         HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
+                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+                         n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
-                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
-                         HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
+                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+                         n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
                          v_empty, tile_smem, Sched, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group,
                          n_tiles, n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, DYNAMIC)),
@@ -479,17 +479,17 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, o_desc, Sched, stride_ob
     else:
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
-                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
-                         HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
+                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+                         n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
-                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
-                         HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
+                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+                         n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
-                         head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D, BLOCK_N, STAGES,
-                         HAS_RIGHT, CONSUMERS, 2, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
+                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+                         n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 2, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
                          v_empty, tile_smem, Sched, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group,
                          n_tiles, n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, DYNAMIC)),
@@ -539,9 +539,9 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     persistent program claims its next tile from a counter in launch order rather than taking every SM-count-th
     one (default: under a causal mask, where tiles differ in length); ``group_heads``: heads whose tiles are
     interleaved (default ``common.head_group``); ``tma_store``: O leaves through shared memory and a TMA store
-    (default: head dims in ``TMA_STORE_HEAD_DIMS``; never when ``out`` is not ``tma_compatible``).  ``consumer_regs`` / ``maxnreg``: registers per consumer thread
-    and at launch (default ``REGISTERS`` of the consumer count, one program per SM;
-    ``benchmarks/explore_gluon_fwd.py`` tries others)."""
+    (default: head dims in ``TMA_STORE_HEAD_DIMS``; never when ``out`` is not ``tma_compatible``).
+    ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch (default ``REGISTERS`` of the
+    consumer count, one program per SM; ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     if block_n is None:

@@ -541,8 +541,7 @@ class EagerAttention(torch.autograd.Function):
     # Functorch transforms, which need setup_context, never reach this class (``eager_applies``).
     @staticmethod
     def forward(ctx, *inputs):
-        with _profiled("fa_inductor::flash_attention_forward"), direct_launches():
-            output = _attention_forward(True, *inputs)
+        output = _eager_forward(inputs)
         _setup_context(ctx, inputs, output)
         return output
 
@@ -561,6 +560,11 @@ def eager_attention(*inputs):
     the host the Function's 20-35 us per call."""
     if _records_grad(inputs):
         return EagerAttention.apply(*inputs)
+    return _eager_forward(inputs)
+
+
+def _eager_forward(inputs) -> tuple[Tensor, Tensor]:
+    """The forward op's body on its positional arguments, with the kernels launched directly (the eager path)."""
     with _profiled("fa_inductor::flash_attention_forward"), direct_launches():
         return _attention_forward(True, *inputs)
 

@@ -42,7 +42,7 @@ def reference(q, k, v, scale, causal_right, shift):
 WIDE = (112, 80)
 
 
-CONFIG = re.compile(r"^(\d+)x(\d+)(w?)(?:c(\d))?(l?)(?:(p)([sd]?))?(?:g(\d+))?$")
+CONFIG = re.compile(r"^(\d+)x(\d+)(w?)(?:c(\d))?(l?)(?:(p)([sd]?))?([tr]?)(?:g(\d+))?$")
 
 
 def parse_config(cfg):
@@ -52,17 +52,19 @@ def parse_config(cfg):
     "l" the consumer loop that converts and sums P in the next iteration (``late=True``); "p" a persistent grid
     (``persistent=True``; its programs claim tiles from a counter under a causal mask, else take every SM-count-th
     one), "ps" / "pd" one that always takes every SM-count-th tile / always claims (``dynamic=False`` / ``True``);
-    "g4" four heads interleaved (``group_heads=4``; "g1" is the one-head-at-a-time order).  Without "l" / "p" the
+    "t" / "r" O stored through shared memory and TMA / from registers (``tma_store=True`` / ``False``; without
+    either, the launcher's default); "g4" four heads interleaved (``group_heads=4``; "g1" is the one-head-at-a-time order).  Without "l" / "p" the
     late loop and persistence are off."""
     match = CONFIG.match(cfg)
     if match is None:
         raise SystemExit(f"bad config {cfg!r}")
-    block_n, stages, wide, consumers, late, persistent, schedule, group = match.groups()
+    block_n, stages, wide, consumers, late, persistent, schedule, store, group = match.groups()
     consumers = int(consumers or 2)
     regs = WIDE if wide else REGISTERS[consumers]
     return dict(block_n=int(block_n), stages=int(stages), consumer_regs=regs[0], maxnreg=regs[1],
                 consumers=consumers, late=bool(late), persistent=bool(persistent),
-                dynamic={"s": False, "d": True}.get(schedule), group_heads=int(group) if group else None)
+                dynamic={"s": False, "d": True}.get(schedule), tma_store={"t": True, "r": False}.get(store),
+                group_heads=int(group) if group else None)
 
 
 def check(batch, heads, kv_heads, m, n, d, causal, bottom_right, layout, dtype, config):
@@ -155,7 +157,7 @@ def main():
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--configs", nargs="+", default=["128x2"],
                    help="block_n x stages, e.g. 128x2, then optional suffixes (see parse_config): w, c3, l, p, "
-                        "ps, pd, g<heads>, e.g. 128x2lp or 128x2c3g1")
+                        "ps, pd, t, r, g<heads>, e.g. 128x2lp, 128x2c3pt or 128x2c3g1")
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--rounds", type=int, default=3)

@@ -141,8 +141,9 @@ SHAPES = [
     (1, 2, 2, 64, 4096, True, True, "blhd"),
     (2, 4, 4, 384, 384, True, False, "fused"),
     # More tiles than an H100 has SMs: the routed causal forward at head dims 64 and 128 runs its persistent grid,
-    # programs claiming tiles of different lengths from the counter.
+    # programs claiming tiles of different lengths from the counter; so does the non-causal one at head dim 64.
     (4, 16, 4, 1000, 1000, True, False, "blhd"),
+    (4, 16, 4, 1000, 1000, False, False, "bhld"),
 ]
 
 

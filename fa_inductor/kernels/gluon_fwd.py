@@ -25,8 +25,9 @@ the tiles aligned to the last query row so that a partial tile is the shortest. 
 program per SM) the K / V ring runs on across a program's tiles, and Q's buffer is released as soon as a tile's
 last S = Q K^T is done, so the producer loads the next tile's Q and first key blocks while the consumers finish
 the current one.  Without a mask (``PERSISTENT_MAX_KEYS``) a persistent program takes every SM-count-th tile;
-under a causal mask (``PERSISTENT_CAUSAL_HEAD_DIMS``) it claims the next unclaimed tile in the launch order
-above from an atomic counter, so that tiles of different lengths are balanced as the hardware would balance them.
+under a causal mask (``PERSISTENT_CAUSAL_HEAD_DIMS``), and at ``CLAIMING_HEAD_DIMS`` without one, it claims the
+next unclaimed tile in the launch order above from an atomic counter, so that tiles of different lengths are
+balanced as the hardware would balance them.
 The producer hands each tile's index to the consumers through shared memory.
 
 Scores are kept in log2 units (the scale times log2(e) folded into one multiply).  Only the key blocks that can
@@ -50,8 +51,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import LOG2E, head_group, sm_count, tile_coords
 
-__all__ = ["BLOCK_N", "CONSUMERS", "HEAD_DIMS", "LATE_HEAD_DIMS", "PERSISTENT_MAX_KEYS", "PERSISTENT_CAUSAL_HEAD_DIMS",
-           "REGISTERS", "TMA_STORE_HEAD_DIMS", "tma_compatible", "gluon_forward"]
+__all__ = ["BLOCK_N", "CLAIMING_HEAD_DIMS", "CONSUMERS", "HEAD_DIMS", "LATE_HEAD_DIMS", "PERSISTENT_MAX_KEYS",
+           "PERSISTENT_CAUSAL_HEAD_DIMS", "REGISTERS", "TMA_STORE_HEAD_DIMS", "tma_compatible", "gluon_forward"]
 
 HEAD_DIMS = (64, 128, 256)  # head dims the kernel is built and measured for (Q, K and V share it)
 # Key block per head dim: at 256, 128-key blocks spill registers; 64 keys with two stages fill shared memory.
@@ -78,6 +79,10 @@ PERSISTENT_MAX_KEYS = {128: 4096}
 # (benchmarks/reference, "eighth pass").  Taking every SM-count-th tile instead leaves some SMs all the long
 # tiles (19 % slower at head dim 128, 4k).
 PERSISTENT_CAUSAL_HEAD_DIMS = (64, 128)
+# Head dims whose non-causal calls, at any length, also run that claiming grid.  Head dim 64 (three consumers,
+# 192-row tiles: a 4k head ends in a tile of 64 rows) on the H100, against a program per tile: 1.5-3 % faster at
+# 4k, 8k and 16k keys in one run, 0-1.3 % in another, never slower (benchmarks/reference, "eleventh pass").
+CLAIMING_HEAD_DIMS = (64,)
 
 # Triton 3.9 renamed the TMA load; 3.5 - 3.8 only know the old name.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -534,10 +539,11 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     3 (default ``CONSUMERS`` of the head dim for more than 128 queries, else 2); ``late``: the consumer loop that
     converts and sums P and rescales O in the next iteration (default: non-causal calls at ``LATE_HEAD_DIMS``
     with two consumers); ``persistent``: one program per SM, each running several tiles (default: non-causal
-    calls within ``PERSISTENT_MAX_KEYS``, causal calls at ``PERSISTENT_CAUSAL_HEAD_DIMS``; ``programs`` caps that
-    grid below the SM count, which tests use to give small problems several tiles a program); ``dynamic``: a
-    persistent program claims its next tile from a counter in launch order rather than taking every SM-count-th
-    one (default: under a causal mask, where tiles differ in length); ``group_heads``: heads whose tiles are
+    calls within ``PERSISTENT_MAX_KEYS`` or at ``CLAIMING_HEAD_DIMS``, causal calls at
+    ``PERSISTENT_CAUSAL_HEAD_DIMS``; ``programs`` caps that grid below the SM count, which tests use to give small
+    problems several tiles a program); ``dynamic``: a persistent program claims its next tile from a counter in
+    launch order rather than taking every SM-count-th one (default: under a causal mask, where tiles differ in
+    length, and at ``CLAIMING_HEAD_DIMS``); ``group_heads``: heads whose tiles are
     interleaved (default ``common.head_group``); ``tma_store``: O leaves through shared memory and a TMA store
     (default: head dims in ``TMA_STORE_HEAD_DIMS``; never when ``out`` is not ``tma_compatible``).
     ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch (default ``REGISTERS`` of the
@@ -554,9 +560,9 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
         late = not has_right and head_d in LATE_HEAD_DIMS and consumers == 2
     if persistent is None:
         persistent = (head_d in PERSISTENT_CAUSAL_HEAD_DIMS if has_right
-                      else n_keys <= PERSISTENT_MAX_KEYS.get(head_d, 0))
+                      else head_d in CLAIMING_HEAD_DIMS or n_keys <= PERSISTENT_MAX_KEYS.get(head_d, 0))
     if dynamic is None:
-        dynamic = has_right
+        dynamic = has_right or head_d in CLAIMING_HEAD_DIMS
     if group_heads is None:
         group_heads = head_group(has_right, 2 * n_keys * head_d * k.element_size())
     default_regs, default_maxnreg = REGISTERS[consumers]

@@ -50,11 +50,12 @@ def parse_config(cfg):
     budget of the consumer count, 2 consumer warp groups, every other choice the launcher's default.  Suffixes, in
     this order: "w" the two-programs-per-SM budget; "c3" three consumer warp groups (192 query rows a program);
     "l" the consumer loop that converts and sums P in the next iteration (``late=True``); "p" a persistent grid
-    (``persistent=True``; its programs claim tiles from a counter under a causal mask, else take every SM-count-th
-    one), "ps" / "pd" one that always takes every SM-count-th tile / always claims (``dynamic=False`` / ``True``);
-    "t" / "r" O stored through shared memory and TMA / from registers (``tma_store=True`` / ``False``; without
-    either, the launcher's default); "g4" four heads interleaved (``group_heads=4``; "g1" is the one-head-at-a-time order).  Without "l" / "p" the
-    late loop and persistence are off."""
+    (``persistent=True``) on the launcher's default schedule (its programs claim tiles from a counter under a causal
+    mask and at ``CLAIMING_HEAD_DIMS``, else take every SM-count-th one), "ps" / "pd" one that always takes every
+    SM-count-th tile / always claims (``dynamic=False`` / ``True``); "t" / "r" O stored through shared memory and
+    TMA / from registers (``tma_store=True`` / ``False``; without either, the launcher's default); "g4" four heads
+    interleaved (``group_heads=4``; "g1" is the one-head-at-a-time order).  Without "l" / "p" the late loop and
+    persistence are off."""
     match = CONFIG.match(cfg)
     if match is None:
         raise SystemExit(f"bad config {cfg!r}")

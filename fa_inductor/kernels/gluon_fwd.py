@@ -81,7 +81,8 @@ PERSISTENT_MAX_KEYS = {128: 4096}
 PERSISTENT_CAUSAL_HEAD_DIMS = (64, 128)
 # Head dims whose non-causal calls, at any length, also run that claiming grid.  Head dim 64 (three consumers,
 # 192-row tiles: a 4k head ends in a tile of 64 rows) on the H100, against a program per tile: 1.5-3 % faster at
-# 4k, 8k and 16k keys in one run, 0-1.3 % in another, never slower (benchmarks/reference, "eleventh pass").
+# 4k, 8k and 16k keys in one run; in another 0.7-1.3 % faster at 4k and within 0.3 % at 16k (benchmarks/reference,
+# "eleventh pass").
 CLAIMING_HEAD_DIMS = (64,)
 
 # Triton 3.9 renamed the TMA load; 3.5 - 3.8 only know the old name.

@@ -226,9 +226,8 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
 
 @gluon.jit
 def _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc, o_bufs,
-                   tile, n_heads,
-                   n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right,
-                   qk_scale, base, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om, n_queries, n_keys,
+                   shift, right, qk_scale, base, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr,
                    TMA_STORE: gl.constexpr):
     """A tile's rows of this warp group (its Q already landed); returns the key blocks the tile streamed."""
@@ -248,9 +247,8 @@ def _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
     if (row0 >= n_queries) | (row0 + WG_M <= 0):
         n_own = 1  # one block (its stores are masked off): no branch around the loop, which costs registers
     _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc, o_bufs,
-                   off_b, off_h, bh,
-                   row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_own, n_full,
-                   base, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, WG, LATE, TMA_STORE)
+                   off_b, off_h, bh, row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right,
+                   qk_scale, n_own, n_full, base, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, WG, LATE, TMA_STORE)
     # The key blocks past this warp group's rows: released unread.
     for j in range(n_own, n_iter):
         stage = (base + j) % STAGES
@@ -264,10 +262,10 @@ def _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
 
 @gluon.jit
 def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc, o_bufs,
-                   off_b, off_h, bh,
-                   row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, n_own, n_full,
-                   base, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                   WG: gl.constexpr, LATE: gl.constexpr = False, TMA_STORE: gl.constexpr = False):
+                   off_b, off_h, bh, row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right,
+                   qk_scale, n_own, n_full, base, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   HAS_RIGHT: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr = False,
+                   TMA_STORE: gl.constexpr = False):
     """The online softmax of one warp group's 64 rows over key blocks [0, n_own), then O and the LSE stored.
     Q's buffer is released (``q_empty``) once the last S = Q K^T is done, so that a persistent producer can load
     the next tile's Q while this one finishes."""
@@ -544,9 +542,9 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     ``PERSISTENT_CAUSAL_HEAD_DIMS``; ``programs`` caps that grid below the SM count, which tests use to give small
     problems several tiles a program); ``dynamic``: a persistent program claims its next tile from a counter in
     launch order rather than taking every SM-count-th one (default: under a causal mask, where tiles differ in
-    length, and at ``CLAIMING_HEAD_DIMS``); ``group_heads``: heads whose tiles are
-    interleaved (default ``common.head_group``); ``tma_store``: O leaves through shared memory and a TMA store
-    (default: head dims in ``TMA_STORE_HEAD_DIMS``; never when ``out`` is not ``tma_compatible``).
+    length, and at ``CLAIMING_HEAD_DIMS``); ``group_heads``: heads whose tiles are interleaved (default
+    ``common.head_group``); ``tma_store``: O leaves through shared memory and a TMA store (default: head dims in
+    ``TMA_STORE_HEAD_DIMS``; never when ``out`` is not ``tma_compatible``).
     ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch (default ``REGISTERS`` of the
     consumer count, one program per SM; ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape

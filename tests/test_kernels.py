@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 import fa_inductor  # noqa: F401  (registers the ops)
-from fa_inductor.kernels.common import GROUP_L2_BYTES, MAX_HEAD_GROUP, head_group, tile_coords
+from fa_inductor.kernels.common import (GROUP_L2_BYTES, MAX_HEAD_GROUP, direct_launches, head_group, launch,
+                                       tile_coords)
 from attention_ref import assert_within_budget, attention_ref, max_err, torch_math
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -284,6 +285,20 @@ def test_tile_coords_is_a_permutation_in_grouped_order(n_blocks, n_bh, group, re
         for rank in range(n_blocks):
             expected += [(h, n_blocks - 1 - rank if reverse else rank) for h in heads]
     assert pairs == expected
+
+
+def test_direct_launches_ask_for_fp_fusion():
+    """Triton 3.10 turns floating-point fusion off by default; a direct launch asks for it, and keeps the caller's
+    arguments as they were."""
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    with direct_launches():
+        launch(Kernel(), (3,), 1, BLOCK=2, num_warps=4)
+    assert calls == [((3,), (1,), {"BLOCK": 2, "num_warps": 4, "enable_fp_fusion": True})]
 
 
 def test_head_group_choice():

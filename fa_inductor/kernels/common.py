@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "LOG2E_JIT", "launch", "direct_launches", "divides", "is_interpreted", "dot_options", "mma",
-           "round_to", "empty_output", "empty_lse", "sm_count", "head_group", "tile_coords"]
+__all__ = ["LOG2E", "LOG2E_JIT", "FP_FUSION", "launch", "direct_launches", "divides", "is_interpreted",
+           "dot_options", "mma", "round_to", "empty_output", "empty_lse", "sm_count", "head_group", "tile_coords"]
 
 LOG2E = math.log2(math.e)
 # The same constant for use inside @triton.jit functions (Triton reads only constexpr globals).
@@ -44,12 +44,19 @@ def direct_launches():
         _LAUNCH.direct = previous
 
 
+# Compile options of every direct launch (Gluon kernels included).  The kernels are written for fused multiply-adds
+# (the softmax takes one FMA per score, s * scale - m); Triton 3.9 warns when a launch leaves FP fusion to its
+# default, and 3.10 turns that default off.  Launches through ``wrap_triton`` cannot carry compile options:
+# Inductor compiles those kernels itself, under Triton's default.
+FP_FUSION = {"enable_fp_fusion": True}
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Launch through ``wrap_triton`` so that torch.compile / export see the kernel.  An interpreted kernel
     (CPU tensors under ``TRITON_INTERPRET=1``, always inside an opaque op) and any kernel inside
-    ``direct_launches`` is called directly."""
+    ``direct_launches`` is called directly, with ``FP_FUSION``."""
     if is_interpreted(kernel) or getattr(_LAUNCH, "direct", False):
-        kernel[grid](*args, **kwargs)
+        kernel[grid](*args, **kwargs, **FP_FUSION)
     else:
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 

@@ -39,8 +39,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from .common import LOG2E, head_group, tile_coords
-from .gluon_fwd import REGISTERS, _descriptor, _mma_layout, _tma_load
+from .common import FP_FUSION, LOG2E, head_group, tile_coords
+from .gluon_fwd import REGISTERS, _descriptor, _mma_layout, _store_rows, _tma_load
 
 __all__ = ["gluon_backward_kv", "gluon_backward_q"]
 
@@ -150,16 +150,9 @@ def _kv_consumer(k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty, LseUnits
         dv, dk, pt16, dst16 = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt16, dst16])
         mbarrier.arrive(empty.index(stage), count=1)
 
-    keys_o = key0 + gl.arange(0, WG_N, layout=gl.SliceLayout(1, acc_layout))
-    dims = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
-    live = gl.expand_dims(keys_o < n_keys, 1)
-    key_off = gl.expand_dims(keys_o.to(gl.int64), 1)
-    dk_ptrs = (DK + off_b.to(gl.int64) * stride_dkb + off_hk.to(gl.int64) * stride_dkh + key_off * stride_dkn
-               + gl.expand_dims(dims, 0))
-    dv_ptrs = (DV + off_b.to(gl.int64) * stride_dvb + off_hk.to(gl.int64) * stride_dvh + key_off * stride_dvn
-               + gl.expand_dims(dims, 0))
-    gl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=live)
-    gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=live)
+    _store_rows(DK, dk * scale, off_b, off_hk, key0, stride_dkb, stride_dkh, stride_dkn, n_keys, acc_layout, WG_N,
+                HEAD_D)
+    _store_rows(DV, dv, off_b, off_hk, key0, stride_dvb, stride_dvh, stride_dvn, n_keys, acc_layout, WG_N, HEAD_D)
 
 
 @gluon.jit
@@ -217,17 +210,6 @@ def _gluon_bwd_kv_kernel(q_desc, k_desc, v_desc, do_desc, LseUnits, Delta, DK, D
 # accumulator per warp group is all the registers one can hold there, so each consumer keeps one of dK / dV.
 ROLE_SPLIT_HEAD_DIMS = (256,)
 P_STAGES = gl.constexpr(2)  # P^T tiles in flight between the two role partitions
-
-
-@gluon.jit
-def _store_rows(Ptr, value, off_b, off_h, key0, stride_b, stride_h, stride_n, n_keys, layout: gl.constexpr,
-                ROWS: gl.constexpr, HEAD_D: gl.constexpr):
-    """Store a [ROWS, HEAD_D] accumulator tile (layout ``layout``) at rows key0.. of head (off_b, off_h)."""
-    keys = key0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-    dims = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
-    ptrs = (Ptr + off_b.to(gl.int64) * stride_b + off_h.to(gl.int64) * stride_h
-            + gl.expand_dims(keys.to(gl.int64) * stride_n, 1) + gl.expand_dims(dims, 0))
-    gl.store(ptrs, value.to(Ptr.dtype.element_ty), mask=gl.expand_dims(keys < n_keys, 1))
 
 
 @gluon.jit
@@ -390,11 +372,8 @@ def _q_consumer(q_bufs, do_bufs, k_ring, v_ring, qdo_bar, ready, empty, LseUnits
         dq, ds16 = warpgroup_mma_wait(0, deps=[dq_tok, ds16])
         mbarrier.arrive(empty.index(stage), count=1)
 
-    rows_o = row0 + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, acc_layout))
-    dims = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
-    dq_ptrs = (DQ + off_b.to(gl.int64) * stride_dqb + off_h.to(gl.int64) * stride_dqh
-               + gl.expand_dims(rows_o.to(gl.int64) * stride_dqm, 1) + gl.expand_dims(dims, 0))
-    gl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=gl.expand_dims(rows_o < n_queries, 1))
+    _store_rows(DQ, dq * scale, off_b, off_h, row0, stride_dqb, stride_dqh, stride_dqm, n_queries, acc_layout, TILE_M,
+                HEAD_D)
 
 
 @gluon.jit
@@ -484,7 +463,7 @@ def gluon_backward_kv(q, k, v, grad_out, lse_units, delta, dk, dv, scale: float,
         dv.stride(0), dv.stride(1), dv.stride(2), heads, kv_heads, heads // kv_heads, n_queries, n_keys, n_n_blocks,
         shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E, scale,
         HEAD_D=head_d, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=regs, PRODUCER_REGS=24,
-        num_warps=4, maxnreg=maxnreg)
+        num_warps=4, maxnreg=maxnreg, **FP_FUSION)
 
 
 def gluon_backward_q(q, k, v, grad_out, lse_units, delta, dq, scale: float, causal_right: int, shift: int,
@@ -509,4 +488,4 @@ def gluon_backward_q(q, k, v, grad_out, lse_units, delta, dq, scale: float, caus
         heads // kv_heads, n_queries, n_keys, n_m_blocks, batch * heads, group_heads, shift if has_right else 0,
         causal_right if has_right else 0, scale * LOG2E, scale,
         HEAD_D=head_d, BLOCK_KEYS=block_keys, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=regs,
-        PRODUCER_REGS=24, CONSUMERS=consumers, num_warps=4, maxnreg=maxnreg)
+        PRODUCER_REGS=24, CONSUMERS=consumers, num_warps=4, maxnreg=maxnreg, **FP_FUSION)

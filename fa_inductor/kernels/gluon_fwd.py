@@ -49,7 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import LOG2E, head_group, sm_count, tile_coords
+from .common import FP_FUSION, LOG2E, head_group, sm_count, tile_coords
 
 __all__ = ["BLOCK_N", "CLAIMING_HEAD_DIMS", "CONSUMERS", "HEAD_DIMS", "LATE_HEAD_DIMS", "PERSISTENT_MAX_KEYS",
            "PERSISTENT_CAUSAL_HEAD_DIMS", "REGISTERS", "TMA_STORE_HEAD_DIMS", "tma_compatible", "gluon_forward"]
@@ -364,22 +364,29 @@ def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
             _partition_barrier()
             _tma_store(o_desc, [off_b, off_h, row0, 0], o_smem)
         else:
-            _store_o(Out, out, off_b, off_h, row0, stride_ob, stride_oh, stride_om, n_queries, HEAD_D)
+            _store_rows(Out, out, off_b, off_h, row0, stride_ob, stride_oh, stride_om, n_queries, o_layout, WG_M,
+                        HEAD_D, True)
     else:
-        _store_o(Out, out, off_b, off_h, row0, stride_ob, stride_oh, stride_om, n_queries, HEAD_D)
+        _store_rows(Out, out, off_b, off_h, row0, stride_ob, stride_oh, stride_om, n_queries, o_layout, WG_M, HEAD_D,
+                    True)
     gl.store(Lse + bh.to(gl.int64) * n_queries + rows, lse, mask=(rows >= 0) & (rows < n_queries))
 
 
 @gluon.jit
-def _store_o(Out, out, off_b, off_h, row0, stride_ob, stride_oh, stride_om, n_queries, HEAD_D: gl.constexpr):
-    """Store one warp group's normalised [64, HEAD_D] output tile from registers (rows outside [0, n_queries)
-    masked off)."""
-    o_layout: gl.constexpr = _mma_layout(HEAD_D)
-    rows_o = row0 + gl.arange(0, WG_M, layout=gl.SliceLayout(1, o_layout))
-    cols_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
-    o_ptrs = (Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
-              + gl.expand_dims(rows_o.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols_o, 0))
-    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims((rows_o >= 0) & (rows_o < n_queries), 1))
+def _store_rows(Ptr, value, off_b, off_h, row0, stride_b, stride_h, stride_r, n_rows, layout: gl.constexpr,
+                ROWS: gl.constexpr, HEAD_D: gl.constexpr, BELOW_ZERO: gl.constexpr = False):
+    """Store a [ROWS, HEAD_D] tile from registers (layout ``layout``) at rows row0.. of head (off_b, off_h); rows
+    from n_rows on are masked off, and with ``BELOW_ZERO`` rows below 0 too (the forward's partial first tile under
+    a causal mask; the backward passes, which store dK, dV and dQ with this too, have none, and the extra compare
+    costs the dK/dV pass 8 bytes of spills at head dim 128)."""
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    dims = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
+    ptrs = (Ptr + off_b.to(gl.int64) * stride_b + off_h.to(gl.int64) * stride_h
+            + gl.expand_dims(rows.to(gl.int64) * stride_r, 1) + gl.expand_dims(dims, 0))
+    live = rows < n_rows
+    if BELOW_ZERO:
+        live = live & (rows >= 0)
+    gl.store(ptrs, value.to(Ptr.dtype.element_ty), mask=gl.expand_dims(live, 1))
 
 
 @gluon.jit
@@ -583,4 +590,4 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
         batch * heads, group_heads, n_programs, shift if has_right else 0, causal_right if has_right else 0,
         scale * LOG2E, HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=24, CONSUMERS=consumers, LATE=late, PERSISTENT=n_programs < n_tiles,
-        DYNAMIC=dynamic, TMA_STORE=tma_store, num_warps=4, maxnreg=maxnreg)
+        DYNAMIC=dynamic, TMA_STORE=tma_store, num_warps=4, maxnreg=maxnreg, **FP_FUSION)

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .caching import cacheable_patch
 from .config import Settings
 from .patterns.rewrite import Site, rewrite_attention
 
@@ -44,9 +45,12 @@ class _Backend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
-        rewrite_attention(gm, self.settings)
+        sites = rewrite_attention(gm, self.settings)
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs, config_patches=_inductor_config(mode, options))
+        patches = _inductor_config(mode, options)
+        if any(site.replaced for site in sites):  # let AOTAutograd's cache keep the rewritten graph
+            patches.update(cacheable_patch(patches.get("unsafe_marked_cacheable_functions")))
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     def __repr__(self) -> str:
         return f"fa_inductor.backend({self.settings})"

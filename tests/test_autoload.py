@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from fa_inductor import caching
 from fa_inductor.config import Settings
 from fa_inductor.integrations.inductor_pass import AttentionPass, install, uninstall
 
@@ -32,6 +33,7 @@ PROGRAM = textwrap.dedent("""
     assert all((a.grad - b.grad).abs().max() < 1e-4 for a, b in zip((q, k, v), ref))
     print("replaced:", counters["fa_inductor"]["replaced"])
     print("fx graph cache hits:", counters["inductor"]["fxgraph_cache_hit"])
+    print("aot autograd cache:", sorted(k for k, n in counters["aot_autograd"].items() if n and "cache" in k))
 """)
 
 
@@ -72,13 +74,17 @@ def test_opt_in_still_rewrites_and_counts_with_a_warm_cache(tmp_path):
             # cache here on the second run (seen on the GPU machine's torch 2.11), so nothing warm was tested.
             pytest.skip("the second process missed this torch's FX graph cache (torch without pre_grad_pass_timing)")
     assert "fx graph cache hits: 0" not in second.stdout, second.stdout
+    if caching.supported():  # the rewritten graph is AOTAutograd-cacheable too (``fa_inductor.caching``)
+        assert "aot autograd cache: ['autograd_cache_miss', 'autograd_cache_saved']" in first.stdout, first.stdout
+        assert "aot autograd cache: ['autograd_cache_hit']" in second.stdout, second.stdout
 
 
 def test_pass_uuid_is_the_same_in_every_process():
     """Python randomises string hashing per process, and with it the order of a frozenset's repr; the uuid must
     not follow it, or Inductor's cache would (almost always) miss and (sometimes) hit."""
     program = textwrap.dedent("""
-        from fa_inductor.config import Settings
+        from fa_inductor import caching
+from fa_inductor.config import Settings
         from fa_inductor.integrations.inductor_pass import AttentionPass
         print(repr(Settings().forms))
         print(AttentionPass(Settings()).uuid())
@@ -106,19 +112,35 @@ def test_a_failing_hook_never_breaks_import_torch():
 
 
 def test_install_is_explicit_and_reversible():
+    import torch
     from torch._inductor import config
     assert config.pre_grad_custom_pass is None
     timing = getattr(config, "pre_grad_pass_timing", None)
+    marked = dict(getattr(config, "unsafe_marked_cacheable_functions", {}))
     installed = install()
     try:
         assert config.pre_grad_custom_pass is installed
         assert install() is not installed and getattr(config, "pre_grad_pass_timing", None) == (timing and "early")
         assert installed.uuid() == AttentionPass(Settings.from_env()).uuid()
         assert installed.uuid() != AttentionPass(Settings(min_seq_len=128)).uuid()
+        # A graph the pass rewrites marks flash_attention cacheable under the current key; one it leaves alone
+        # does not.
+        for attention, rewritten in ((True, True), (False, False)):
+            def f(q, k, v):
+                return torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v if attention else q @ k + v
+            graphs = []
+            torch._dynamo.reset()
+            torch.compile(f, backend=lambda gm, _: graphs.append(gm) or gm.forward)(
+                *(torch.randn(1, 2, 16, 16) for _ in range(3)))
+            config.pre_grad_custom_pass(graphs[0].graph)
+            if caching.supported():
+                expected = {**marked, caching.CACHEABLE_FUNCTION: caching.cache_key()} if rewritten else marked
+                assert config.unsafe_marked_cacheable_functions == expected
     finally:
         uninstall()
     assert config.pre_grad_custom_pass is None
     assert getattr(config, "pre_grad_pass_timing", None) == timing
+    assert dict(getattr(config, "unsafe_marked_cacheable_functions", {})) == marked
 
 
 TINY_LLAMA = """

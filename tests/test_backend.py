@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import fa_inductor
+from fa_inductor import caching
 from attention_ref import assert_within_budget
 from fa_inductor.config import Settings
 from fa_inductor.patterns.rewrite import rewrite_attention
@@ -525,15 +526,15 @@ def test_gpu_inductor_modes_training(mode):
 # --- the Inductor backend itself ---------------------------------------------------------------------------
 
 class TinyAttention(torch.nn.Module):
-    def __init__(self, causal=True):
+    def __init__(self, causal=True, heads=4, head_dim=16):
         super().__init__()
-        self.qkv = torch.nn.Linear(64, 3 * 64)
-        self.causal = causal
+        self.qkv = torch.nn.Linear(heads * head_dim, 3 * heads * head_dim)
+        self.causal, self.heads, self.head_dim = causal, heads, head_dim
 
     def forward(self, x):
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, 4, 16).transpose(1, 3).unbind(2)
-        s = q @ k.transpose(-2, -1) / 4.0
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).transpose(1, 3).unbind(2)
+        s = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
         if self.causal:
             s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
         return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 64).sum()
@@ -594,6 +595,61 @@ def test_fx_graph_cache_keeps_the_rewrite():
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1
     torch.testing.assert_close(results[0], results[1])
     torch.testing.assert_close(results[1], model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])])
+def test_aot_autograd_cache_keeps_the_rewrite(device, tmp_path, monkeypatch):
+    """A rewritten training graph is kept by AOTAutograd's cache (``fa_inductor.caching``): the second compile is
+    a hit that still runs the op (same loss and gradients), a changed ``FA_INDUCTOR_*`` setting is a miss, and
+    Inductor's global config is left as it was.  On the GPU: bf16, head dim 64 (the Hopper kernels on an H100)."""
+    if not caching.supported():
+        pytest.skip("this torch cannot mark a function cacheable under a key")
+    from torch._inductor import config as inductor_config
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("FA_INDUCTOR_CACHE_DIR", str(tmp_path / "tuning"))
+    marked = dict(inductor_config.unsafe_marked_cacheable_functions)
+    if device == "cpu":
+        model, x = TinyAttention(), rand(2, 24, 64)
+    else:
+        model = TinyAttention(heads=2, head_dim=64).to(device, torch.bfloat16)
+        x = torch.randn(2, 300, 128, device=device, dtype=torch.bfloat16)
+    outcomes, results = [], []
+    with inductor_config.patch(fx_graph_cache=True):
+        for budget in ("30", "30", "29"):
+            monkeypatch.setenv("FA_INDUCTOR_TUNE_BUDGET", budget)
+            torch._dynamo.reset()
+            counters.clear()
+            model.zero_grad()
+            loss = torch.compile(model, backend="fa_inductor")(x)
+            loss.backward()
+            assert counters["fa_inductor"]["replaced"] == 1
+            outcomes.append(sorted(k for k, n in counters["aot_autograd"].items() if n and "cache" in k))
+            results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert outcomes == [["autograd_cache_miss", "autograd_cache_saved"], ["autograd_cache_hit"],
+                        ["autograd_cache_miss", "autograd_cache_saved"]], outcomes
+    for later in results[1:]:
+        for a, b in zip(results[0], later):
+            torch.testing.assert_close(a, b)
+    assert inductor_config.unsafe_marked_cacheable_functions == marked
+
+
+def test_cache_key_follows_sources_settings_and_tuning(tmp_path, monkeypatch):
+    """What ``caching.cache_key`` must follow besides the graph: FA_INDUCTOR_* settings and the tuning cache."""
+    monkeypatch.setenv("FA_INDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FA_INDUCTOR_GLUON", raising=False)
+    base = caching.cache_key()
+    assert caching.cache_key() == base
+    monkeypatch.setenv("FA_INDUCTOR_GLUON", "0")
+    off = caching.cache_key()
+    assert off != base
+    (tmp_path / "autotune-0123.json").write_text("{}")
+    tuned = caching.cache_key()
+    assert tuned != off
+    (tmp_path / "autotune-0123.json").write_text('{"entries": {}}')
+    assert caching.cache_key() not in (base, off, tuned)
+    (tmp_path / "unrelated.txt").write_text("x")
+    (tmp_path / "autotune-0123.json").write_text("{}")
+    assert caching.cache_key() == tuned
 
 
 def test_inductor_backend_dynamic_lengths_no_recompile():

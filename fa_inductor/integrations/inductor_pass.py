@@ -36,6 +36,7 @@ class AttentionPass(CustomGraphPass):
         sites = rewrite_attention(graph.owning_module, self.settings)
         if self.explain and sites:
             print(ExplainReport(sites), flush=True)
+        _mark_cacheable(any(site.replaced for site in sites))
 
     def uuid(self) -> str:
         digest = hashlib.sha256(f"{self.settings.cache_key()};explain={self.explain}".encode())
@@ -46,6 +47,23 @@ class AttentionPass(CustomGraphPass):
 
 # Inductor's pre_grad_pass_timing before install() set it, restored by uninstall().
 _saved_timing: list = []
+
+
+def _mark_cacheable(rewritten: bool) -> None:
+    """Let AOTAutograd's cache keep the graph just rewritten (``caching``): the pass runs before the cache
+    lookup, so the entry it leaves in Inductor's config is the one the lookup keys on.  A graph with nothing
+    rewritten drops the entry, so that its key does not follow the tuning cache."""
+    from torch._inductor import config
+
+    from ..caching import CACHEABLE_FUNCTION, cacheable_patch, supported
+
+    if not supported():
+        return
+    if rewritten:
+        config.unsafe_marked_cacheable_functions = cacheable_patch()["unsafe_marked_cacheable_functions"]
+    elif CACHEABLE_FUNCTION in config.unsafe_marked_cacheable_functions:
+        config.unsafe_marked_cacheable_functions = {k: v for k, v in config.unsafe_marked_cacheable_functions.items()
+                                                    if k != CACHEABLE_FUNCTION}
 
 
 def install(explain: bool = False, **settings) -> AttentionPass:
@@ -71,10 +89,12 @@ def install(explain: bool = False, **settings) -> AttentionPass:
 
 
 def uninstall() -> None:
-    """Undo ``install()``: Inductor's pre-grad pass and its timing are as they were before."""
+    """Undo ``install()``: Inductor's pre-grad pass and its timing are as they were before, and the pass's mark
+    on ``flash_attention`` in ``config.unsafe_marked_cacheable_functions`` is gone."""
     from torch._inductor import config
 
     if isinstance(config.pre_grad_custom_pass, AttentionPass):
         config.pre_grad_custom_pass = None
+    _mark_cacheable(False)
     if _saved_timing:
         config.pre_grad_pass_timing = _saved_timing.pop()

@@ -2,9 +2,9 @@
 
 A rewritten graph calls ``attention.flash_attention``, a Python function, and AOTAutograd's cache bypasses any
 graph that calls a function it cannot vouch for, so every new process traced the model again (Inductor's FX
-graph cache still hit).  torch 2.8 and later let a function be marked cacheable under a key of the caller's
-choosing (``torch._inductor.config.unsafe_marked_cacheable_functions``, a dict from qualified name to key, which
-is part of every cache key).  ``cache_key`` covers everything that function's trace depends on besides the
+graph cache still hit).  torch 2.8 and later (2.11 and 2.13 checked) let a function be marked cacheable under a
+key of the caller's choosing (``torch._inductor.config.unsafe_marked_cacheable_functions``, a dict from qualified
+name to key, which is part of every cache key).  ``cache_key`` covers everything that function's trace depends on besides the
 graph and its inputs, which AOTAutograd keys on itself:
 
 - the package's sources and shipped tables (the op's code, kernel choices, baseline configs);

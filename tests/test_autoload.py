@@ -83,8 +83,7 @@ def test_pass_uuid_is_the_same_in_every_process():
     """Python randomises string hashing per process, and with it the order of a frozenset's repr; the uuid must
     not follow it, or Inductor's cache would (almost always) miss and (sometimes) hit."""
     program = textwrap.dedent("""
-        from fa_inductor import caching
-from fa_inductor.config import Settings
+        from fa_inductor.config import Settings
         from fa_inductor.integrations.inductor_pass import AttentionPass
         print(repr(Settings().forms))
         print(AttentionPass(Settings()).uuid())

@@ -537,7 +537,7 @@ class TinyAttention(torch.nn.Module):
         s = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
         if self.causal:
             s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
-        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 64).sum()
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, self.heads * self.head_dim).sum()
 
 
 def test_inductor_backend_training_and_counters():
@@ -650,6 +650,22 @@ def test_cache_key_follows_sources_settings_and_tuning(tmp_path, monkeypatch):
     (tmp_path / "unrelated.txt").write_text("x")
     (tmp_path / "autotune-0123.json").write_text("{}")
     assert caching.cache_key() == tuned
+    # The package's sources and tables (read once per process): a stand-in package in tmp_path / "pkg".
+    package = tmp_path / "pkg"
+    (package / "kernels" / "tables").mkdir(parents=True)
+    (package / "attention.py").write_text("x = 1\n")
+    keys = []
+    try:
+        for change in (None, lambda: (package / "attention.py").write_text("x = 2\n"),
+                       lambda: (package / "kernels" / "tables" / "sm90.json").write_text("{}")):
+            if change:
+                change()
+            monkeypatch.setattr(caching, "_PACKAGE", package)
+            caching._source_digest.cache_clear()
+            keys.append(caching.cache_key())
+    finally:
+        caching._source_digest.cache_clear()
+    assert len(set(keys)) == 3 and tuned not in keys
 
 
 def test_inductor_backend_dynamic_lengths_no_recompile():

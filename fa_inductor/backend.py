@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .caching import cacheable_patch
+from .caching import cacheable_patch, calls_flash_attention
 from .config import Settings
 from .patterns.rewrite import Site, rewrite_attention
 
@@ -45,10 +45,10 @@ class _Backend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
-        sites = rewrite_attention(gm, self.settings)
+        rewrite_attention(gm, self.settings)
         from torch._inductor.compile_fx import compile_fx
         patches = _inductor_config(mode, options)
-        if any(site.replaced for site in sites):  # let AOTAutograd's cache keep the rewritten graph
+        if calls_flash_attention(gm.graph):  # let AOTAutograd's cache keep the rewritten graph
             patches.update(cacheable_patch(patches.get("unsafe_marked_cacheable_functions")))
         return compile_fx(gm, example_inputs, config_patches=patches)
 

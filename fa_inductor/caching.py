@@ -4,8 +4,8 @@ A rewritten graph calls ``attention.flash_attention``, a Python function, and AO
 graph that calls a function it cannot vouch for, so every new process traced the model again (Inductor's FX
 graph cache still hit).  torch 2.8 and later (2.11 and 2.13 checked) let a function be marked cacheable under a
 key of the caller's choosing (``torch._inductor.config.unsafe_marked_cacheable_functions``, a dict from qualified
-name to key, which is part of every cache key).  ``cache_key`` covers everything that function's trace depends on besides the
-graph and its inputs, which AOTAutograd keys on itself:
+name to key, which is part of every cache key).  ``cache_key`` covers everything that function's trace depends
+on besides the graph and its inputs, which AOTAutograd keys on itself:
 
 - the package's sources and shipped tables (the op's code, kernel choices, baseline configs);
 - every ``FA_INDUCTOR_*`` environment variable (``FA_INDUCTOR_GLUON``, ``FA_INDUCTOR_ARCH``, tuning switches);
@@ -14,9 +14,9 @@ graph and its inputs, which AOTAutograd keys on itself:
 
 The GPU, the torch and Triton versions and torch's matmul precision switches (which fp32 products follow) are
 in AOTAutograd's key already.  The backend sets the entry only for its own ``compile_fx`` call
-(``config_patches``); the pre-grad pass that ``integrations.inductor_pass.install`` sets up refreshes it for each
-graph it rewrites, and ``uninstall`` removes it.  On torch versions without the dict the cache stays bypassed,
-as before.
+(``config_patches``).  The pre-grad pass that ``integrations.inductor_pass.install`` sets up refreshes it for
+each graph that calls ``flash_attention`` and drops it for any other; ``uninstall`` removes it.  On torch
+versions without the dict the cache stays bypassed, as before.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CACHEABLE_FUNCTION", "supported", "cache_key", "cacheable_patch"]
+__all__ = ["CACHEABLE_FUNCTION", "supported", "calls_flash_attention", "cache_key", "cacheable_patch"]
 
 # The qualified name AOTAutograd's check builds for ``attention.flash_attention`` (module + function name).
 CACHEABLE_FUNCTION = "fa_inductor.attention.flash_attention"
@@ -39,6 +39,13 @@ def supported() -> bool:
     from torch._inductor import config
 
     return isinstance(getattr(config, "unsafe_marked_cacheable_functions", None), dict)
+
+
+def calls_flash_attention(graph) -> bool:
+    """Whether an FX graph calls ``attention.flash_attention`` (rewritten by this compilation or an earlier one)."""
+    from .attention import flash_attention
+
+    return any(node.op == "call_function" and node.target is flash_attention for node in graph.nodes)
 
 
 @functools.lru_cache(maxsize=None)

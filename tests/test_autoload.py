@@ -13,6 +13,7 @@ import pytest
 from fa_inductor import caching
 from fa_inductor.config import Settings
 from fa_inductor.integrations.inductor_pass import AttentionPass, install, uninstall
+from fa_inductor.patterns.rewrite import rewrite_attention
 
 PROGRAM = textwrap.dedent("""
     import sys
@@ -122,18 +123,21 @@ def test_install_is_explicit_and_reversible():
         assert install() is not installed and getattr(config, "pre_grad_pass_timing", None) == (timing and "early")
         assert installed.uuid() == AttentionPass(Settings.from_env()).uuid()
         assert installed.uuid() != AttentionPass(Settings(min_seq_len=128)).uuid()
-        # A graph the pass rewrites marks flash_attention cacheable under the current key; one it leaves alone
-        # does not.
-        for attention, rewritten in ((True, True), (False, False)):
+        # A graph that calls flash_attention afterwards (rewritten by the pass, or before it as under
+        # backend="fa_inductor") marks it cacheable under the current key; any other graph drops the mark.
+        for attention, rewritten_before, marks in ((True, False, True), (False, False, False), (True, True, True)):
             def f(q, k, v):
                 return torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v if attention else q @ k + v
             graphs = []
             torch._dynamo.reset()
             torch.compile(f, backend=lambda gm, _: graphs.append(gm) or gm.forward)(
                 *(torch.randn(1, 2, 16, 16) for _ in range(3)))
+            if rewritten_before:
+                assert rewrite_attention(graphs[0], Settings())[0].replaced
             config.pre_grad_custom_pass(graphs[0].graph)
+            assert caching.calls_flash_attention(graphs[0].graph) == attention
             if caching.supported():
-                expected = {**marked, caching.CACHEABLE_FUNCTION: caching.cache_key()} if rewritten else marked
+                expected = {**marked, caching.CACHEABLE_FUNCTION: caching.cache_key()} if marks else marked
                 assert config.unsafe_marked_cacheable_functions == expected
     finally:
         uninstall()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -36,7 +37,7 @@ class AttentionPass(CustomGraphPass):
         sites = rewrite_attention(graph.owning_module, self.settings)
         if self.explain and sites:
             print(ExplainReport(sites), flush=True)
-        _mark_cacheable(any(site.replaced for site in sites))
+        _mark_cacheable(graph)
 
     def uuid(self) -> str:
         digest = hashlib.sha256(f"{self.settings.cache_key()};explain={self.explain}".encode())
@@ -49,17 +50,18 @@ class AttentionPass(CustomGraphPass):
 _saved_timing: list = []
 
 
-def _mark_cacheable(rewritten: bool) -> None:
-    """Let AOTAutograd's cache keep the graph just rewritten (``caching``): the pass runs before the cache
-    lookup, so the entry it leaves in Inductor's config is the one the lookup keys on.  A graph with nothing
-    rewritten drops the entry, so that its key does not follow the tuning cache."""
+def _mark_cacheable(graph: Optional[torch.fx.Graph]) -> None:
+    """Let AOTAutograd's cache keep ``graph`` if it calls the rewrite's target (``caching``; rewritten by this pass
+    or, under ``backend="fa_inductor"``, before it): the pass runs before the cache lookup, so the entry it leaves
+    in Inductor's config is the one the lookup keys on.  Any other graph (or None) drops the entry, so that its
+    key does not follow the tuning cache."""
     from torch._inductor import config
 
-    from ..caching import CACHEABLE_FUNCTION, cacheable_patch, supported
+    from ..caching import CACHEABLE_FUNCTION, cacheable_patch, calls_flash_attention, supported
 
     if not supported():
         return
-    if rewritten:
+    if graph is not None and calls_flash_attention(graph):
         config.unsafe_marked_cacheable_functions = cacheable_patch()["unsafe_marked_cacheable_functions"]
     elif CACHEABLE_FUNCTION in config.unsafe_marked_cacheable_functions:
         config.unsafe_marked_cacheable_functions = {k: v for k, v in config.unsafe_marked_cacheable_functions.items()
@@ -95,6 +97,6 @@ def uninstall() -> None:
 
     if isinstance(config.pre_grad_custom_pass, AttentionPass):
         config.pre_grad_custom_pass = None
-    _mark_cacheable(False)
+    _mark_cacheable(None)
     if _saved_timing:
         config.pre_grad_pass_timing = _saved_timing.pop()

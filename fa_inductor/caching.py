@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,8 @@ __all__ = ["CACHEABLE_FUNCTION", "supported", "calls_flash_attention", "cache_ke
 # The qualified name AOTAutograd's check builds for ``attention.flash_attention`` (module + function name).
 CACHEABLE_FUNCTION = "fa_inductor.attention.flash_attention"
 _PACKAGE = Path(__file__).resolve().parent
+
+log = logging.getLogger(__name__)
 
 
 def supported() -> bool:
@@ -78,12 +81,18 @@ def cache_key() -> str:
 
 
 def cacheable_patch(marked: Optional[dict] = None) -> dict:
-    """Inductor config patches that let AOTAutograd cache a rewritten graph; empty where torch cannot.
-    ``marked``: the functions already marked (default: Inductor's current config)."""
+    """Inductor config patches that let AOTAutograd cache a rewritten graph; empty where torch cannot, or where the
+    key cannot be made (then the graph is compiled as before, bypassing that cache).  ``marked``: the functions
+    already marked (default: Inductor's current config)."""
     if not supported():
         return {}
     from torch._inductor import config
 
+    try:
+        key = cache_key()
+    except Exception:  # noqa: BLE001 - caching is an optimisation: never let it break a compilation
+        log.warning("fa_inductor: no AOTAutograd cache key (graph compiled without that cache)", exc_info=True)
+        return {}
     if marked is None:
         marked = config.unsafe_marked_cacheable_functions
-    return {"unsafe_marked_cacheable_functions": {**marked, CACHEABLE_FUNCTION: cache_key()}}
+    return {"unsafe_marked_cacheable_functions": {**marked, CACHEABLE_FUNCTION: key}}

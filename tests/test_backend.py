@@ -633,6 +633,27 @@ def test_aot_autograd_cache_keeps_the_rewrite(device, tmp_path, monkeypatch):
     assert inductor_config.unsafe_marked_cacheable_functions == marked
 
 
+def test_no_cache_key_compiles_without_that_cache(monkeypatch, caplog):
+    """A key that cannot be made (say, an unreadable tuning directory) must not break torch.compile: the graph is
+    compiled as before, without AOTAutograd's cache, and a warning says so."""
+    if not caching.supported():
+        pytest.skip("this torch cannot mark a function cacheable under a key")
+
+    def broken():
+        raise RuntimeError("no home directory")
+
+    monkeypatch.setattr(caching, "cache_key", broken)
+    with caplog.at_level("WARNING", logger="fa_inductor.caching"):
+        assert caching.cacheable_patch() == {}
+    assert "no AOTAutograd cache key" in caplog.text
+    torch._dynamo.reset()
+    counters.clear()
+    model, x = TinyAttention(), rand(1, 16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="fa_inductor")(x), model(x), atol=1e-4, rtol=1e-4)
+    assert counters["fa_inductor"]["replaced"] == 1
+
+
 def test_cache_key_follows_sources_settings_and_tuning(tmp_path, monkeypatch):
     """What ``caching.cache_key`` must follow besides the graph: FA_INDUCTOR_* settings and the tuning cache."""
     monkeypatch.setenv("FA_INDUCTOR_CACHE_DIR", str(tmp_path))

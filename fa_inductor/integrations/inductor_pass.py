@@ -61,8 +61,9 @@ def _mark_cacheable(graph: Optional[torch.fx.Graph]) -> None:
 
     if not supported():
         return
-    if graph is not None and calls_flash_attention(graph):
-        config.unsafe_marked_cacheable_functions = cacheable_patch()["unsafe_marked_cacheable_functions"]
+    patch = cacheable_patch() if graph is not None and calls_flash_attention(graph) else {}
+    if patch:
+        config.unsafe_marked_cacheable_functions = patch["unsafe_marked_cacheable_functions"]
     elif CACHEABLE_FUNCTION in config.unsafe_marked_cacheable_functions:
         config.unsafe_marked_cacheable_functions = {k: v for k, v in config.unsafe_marked_cacheable_functions.items()
                                                     if k != CACHEABLE_FUNCTION}

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .caching import cacheable_patch, calls_flash_attention
+from .caching import marked_functions
 from .config import Settings
 from .patterns.rewrite import Site, rewrite_attention
 
@@ -48,8 +48,10 @@ class _Backend:
         rewrite_attention(gm, self.settings)
         from torch._inductor.compile_fx import compile_fx
         patches = _inductor_config(mode, options)
-        if calls_flash_attention(gm.graph):  # let AOTAutograd's cache keep the rewritten graph
-            patches.update(cacheable_patch(patches.get("unsafe_marked_cacheable_functions")))
+        # Let AOTAutograd's cache keep the rewritten graph.
+        marked = marked_functions(gm.graph, patches.get("unsafe_marked_cacheable_functions"))
+        if marked is not None:
+            patches["unsafe_marked_cacheable_functions"] = marked
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     def __repr__(self) -> str:

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CACHEABLE_FUNCTION", "supported", "calls_flash_attention", "cache_key", "cacheable_patch"]
+__all__ = ["CACHEABLE_FUNCTION", "supported", "calls_flash_attention", "cache_key", "marked_functions"]
 
 # The qualified name AOTAutograd's check builds for ``attention.flash_attention`` (module + function name).
 CACHEABLE_FUNCTION = "fa_inductor.attention.flash_attention"
@@ -80,19 +80,22 @@ def cache_key() -> str:
     return digest.hexdigest()
 
 
-def cacheable_patch(marked: Optional[dict] = None) -> dict:
-    """Inductor config patches that let AOTAutograd cache a rewritten graph; empty where torch cannot, or where the
-    key cannot be made (then the graph is compiled as before, bypassing that cache).  ``marked``: the functions
-    already marked (default: Inductor's current config)."""
+def marked_functions(graph, marked: Optional[dict] = None) -> Optional[dict]:
+    """The value of ``unsafe_marked_cacheable_functions`` to compile ``graph`` under: ``marked`` (default:
+    Inductor's current config) with ``flash_attention`` under ``cache_key()`` if the graph calls it, and without
+    it otherwise (a graph that does not call it, ``graph`` None, or a key that cannot be made: such a graph is
+    compiled as before, bypassing that cache).  None where torch takes no key per function."""
     if not supported():
-        return {}
+        return None
     from torch._inductor import config
 
-    try:
-        key = cache_key()
-    except Exception:  # noqa: BLE001 - caching is an optimisation: never let it break a compilation
-        log.warning("fa_inductor: no AOTAutograd cache key (graph compiled without that cache)", exc_info=True)
-        return {}
     if marked is None:
         marked = config.unsafe_marked_cacheable_functions
-    return {"unsafe_marked_cacheable_functions": {**marked, CACHEABLE_FUNCTION: key}}
+    others = {name: key for name, key in marked.items() if name != CACHEABLE_FUNCTION}
+    if graph is None or not calls_flash_attention(graph):
+        return others
+    try:
+        return {**others, CACHEABLE_FUNCTION: cache_key()}
+    except Exception:  # noqa: BLE001 - caching is an optimisation: never let it break a compilation
+        log.warning("fa_inductor: no AOTAutograd cache key (graph compiled without that cache)", exc_info=True)
+        return others

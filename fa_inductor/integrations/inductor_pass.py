@@ -51,22 +51,17 @@ _saved_timing: list = []
 
 
 def _mark_cacheable(graph: Optional[torch.fx.Graph]) -> None:
-    """Let AOTAutograd's cache keep ``graph`` if it calls the rewrite's target (``caching``; rewritten by this pass
-    or, under ``backend="fa_inductor"``, before it): the pass runs before the cache lookup, so the entry it leaves
-    in Inductor's config is the one the lookup keys on.  Any other graph (or None) drops the entry, so that its
-    key does not follow the tuning cache."""
+    """Let AOTAutograd's cache keep ``graph`` if it calls ``flash_attention`` (``caching.marked_functions``;
+    rewritten by this pass or, under ``backend="fa_inductor"``, before it): the pass runs before the cache lookup,
+    so the entry it leaves in Inductor's config is the one the lookup keys on.  Any other graph (or None) drops
+    the entry, so that its key does not follow the tuning cache."""
     from torch._inductor import config
 
-    from ..caching import CACHEABLE_FUNCTION, cacheable_patch, calls_flash_attention, supported
+    from ..caching import marked_functions
 
-    if not supported():
-        return
-    patch = cacheable_patch() if graph is not None and calls_flash_attention(graph) else {}
-    if patch:
-        config.unsafe_marked_cacheable_functions = patch["unsafe_marked_cacheable_functions"]
-    elif CACHEABLE_FUNCTION in config.unsafe_marked_cacheable_functions:
-        config.unsafe_marked_cacheable_functions = {k: v for k, v in config.unsafe_marked_cacheable_functions.items()
-                                                    if k != CACHEABLE_FUNCTION}
+    marked = marked_functions(graph)
+    if marked is not None and marked != config.unsafe_marked_cacheable_functions:
+        config.unsafe_marked_cacheable_functions = marked
 
 
 def install(explain: bool = False, **settings) -> AttentionPass:

@@ -24,7 +24,7 @@ from fa_inductor.kernels import common, op
 from fa_inductor.kernels.common import dot_options
 from fa_inductor.kernels.configs import Direction
 from fa_inductor.kernels.flash_bwd import flash_backward
-from fa_inductor.kernels.gluon_bwd import gluon_backward_kv, gluon_backward_q
+from fa_inductor.kernels.gluon_bwd import gluon_backward_one_pass, gluon_backward_kv, gluon_backward_q
 from fa_inductor.kernels.masking import MaskSpec
 
 
@@ -60,7 +60,19 @@ def variants(q, k, v, do, out, lse, scale, causal, args):
         return lambda lse_units, delta: gluon_backward_q(q, k, v, do, lse_units, delta, grads[0], scale, right, 0,
                                                          block_keys=block, stages=stages, consumers=consumers)
 
+    def one_pass(stages):
+        acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+
+        def kv_pass(lse_units, delta):
+            acc.zero_()
+            gluon_backward_one_pass(q, k, v, do, lse_units, delta, grads[1], grads[2], acc, scale, right, 0,
+                                 stages=stages)
+
+        return make(kv_pass, lambda lse_units, delta: torch.mul(acc, scale, out=grads[0]))
+
     result = {"triton": make(None, None), "gluon kv + triton q": make(kv(2), None)}
+    for stages in args.one_pass:
+        result[f"one-pass s{stages}"] = one_pass(stages)
     for stages in args.stages:
         for block in args.dq_blocks:
             result[f"gluon kv s{stages} + q{block} s{stages}"] = make(kv(stages), qp(block, stages))
@@ -87,6 +99,8 @@ def main():
                    help="also time every variant with its programs one head at a time (suffix g1)")
     p.add_argument("--only", nargs="*", default=None,
                    help="time only these variants (names as printed) and the Triton path, the gradients' reference")
+    p.add_argument("--one-pass", nargs="*", type=int, default=[],
+                   help="also time the one-pass backward (dQ by TMA reductions) with these ring depths")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     args = p.parse_args()
     for d in args.head_dims:

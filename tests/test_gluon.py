@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fa_inductor  # noqa: F401  (registers the ops)
+from fa_inductor.attention import flash_attention
 from fa_inductor.kernels import op as op_module
 from fa_inductor.kernels.common import empty_output
 from attention_ref import assert_within_budget, attention_ref, lse_ref, torch_math
@@ -81,8 +82,8 @@ def test_tma_compatible_layouts():
 
 ROUTES = [
     # head dim, causal, forward on Gluon, backward through the Hopper op (Gluon passes)
-    (64, False, True, False),
-    (64, True, True, True),  # Triton dK/dV + Gluon dQ
+    (64, False, True, True),  # one pass (one key head per query head)
+    (64, True, True, True),
     (128, False, True, True),
     (128, True, True, True),
     (256, False, True, True),  # the role-split dK/dV kernel
@@ -125,6 +126,25 @@ def test_routing_by_head_dim_and_features(head_d, causal, forward, backward, mon
     monkeypatch.setenv(op_module.GLUON_ENV, "0")
     assert not op_module.gluon_applies(q, k, v, head_d ** -0.5, spec)
     assert not op_module.gluon_backward_applies(q, k, v, head_d ** -0.5, spec)
+
+
+@needs_gluon
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_heads_route_the_head_dim_64_backward_by_mask(causal, monkeypatch):
+    """At head dim 64 the one-pass backward takes one key head per query head only: with grouped query heads a
+    causal call keeps Triton dK/dV + Gluon dQ and a call without a mask the Triton backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fa_inductor.kernels.masking import MaskSpec
+
+    monkeypatch.setenv("FA_INDUCTOR_ARCH", "sm90")
+    monkeypatch.delenv(op_module.GLUON_ENV, raising=False)
+    with FakeTensorMode():
+        q = torch.empty(1, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.empty(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    spec = MaskSpec(right=0 if causal else -1)
+    assert op_module.gluon_backward_applies(q, k, v, 0.125, spec) == causal
+    assert op_module._one_pass_shape(64, 8, 8) and not op_module._one_pass_shape(64, 8, 2)
+    assert not op_module._one_pass_shape(128, 8, 8)
 
 
 # --- GPU: numerics -----------------------------------------------------------------------------------------
@@ -285,12 +305,15 @@ def test_gpu_gluon_backward_matches_reference(shape, head_d, dtype):
     Triton.  Head dim 256 takes the dK/dV kernel that splits its warp groups by role."""
     assert shape[5] in CAUSAL
     before = (_counters()["gluon_forward"], _counters()["gluon_backward"])
+    before_one_pass = _counters()["gluon_backward_one_pass"]
     run_case(*shape[:5], head_d, head_d, dtype, "cuda", shape[5], shape[6])
     gluon_forward = head_d in gluon_fwd.HEAD_DIMS
-    gluon_backward = head_d in op_module.GLUON_BACKWARD_HEAD_DIMS or (
+    one_pass = head_d in op_module.ONE_PASS_HEAD_DIMS and shape[1] == shape[2]
+    gluon_backward = head_d in op_module.GLUON_BACKWARD_HEAD_DIMS or one_pass or (
         head_d in op_module.GLUON_DQ_CAUSAL_HEAD_DIMS and shape[5] != "none")
     assert (_counters()["gluon_forward"], _counters()["gluon_backward"]) == (before[0] + gluon_forward,
                                                                              before[1] + gluon_backward)
+    assert _counters()["gluon_backward_one_pass"] == before_one_pass + one_pass
 
 
 @pytest.mark.parametrize("head_d,block_keys,dq_consumers", [(64, 64, 2), (64, 128, 2), (64, 64, 3), (128, 64, 2),
@@ -433,3 +456,88 @@ def test_gpu_opcheck_hopper_ops(head_d):
     out, lse = torch.ops.fa_inductor.hopper_attention_forward(q, k, v, 0.125, 0, True)
     args = (torch.randn_like(out), q, k, v, out, lse, None, 0.125, 0, True)
     torch.library.opcheck(torch.ops.fa_inductor.hopper_attention_backward.default, args)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 2, 333, 777, "none"), (1, 8, 2, 300, 777, "bottom_right"),
+                                   (2, 4, 4, 1000, 1000, "top_left"), (1, 2, 2, 64, 1100, "top_left"),
+                                   (2, 3, 1, 129, 65, "none")],
+                         ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}")
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("extreme", [False, True], ids=["randn", "extreme"])
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_gluon_one_pass_backward(shape, stages, extreme):
+    """The one-pass kernel (dK/dV and dQ by TMA reductions into fp32) at head dim 64: gradients within budget of
+    fp64 on GQA shapes with query and key tails, causal masks of both alignments and keys no query sees.
+    ``extreme``: every score near -200 (nats), so the zero-filled keys past N would give exp2(-LSE) = inf
+    (and NaN in dQ) without the key mask."""
+    from fa_inductor.kernels.configs import INTERPRETER_CONFIG
+    from fa_inductor.kernels.flash_bwd import flash_backward
+    from fa_inductor.kernels.gluon_bwd import gluon_backward_one_pass
+    from fa_inductor.kernels.masking import MaskSpec
+
+    batch, heads, kv_heads, m, n, causal = shape
+    head_d = 64
+    q, k, v = make_qkv(batch, heads, kv_heads, m, n, head_d, head_d, torch.bfloat16, "cuda", "blhd")
+    if extreme:
+        q, k = (q * 0.1 + 5).to(q.dtype), (k * 0.1 - 5).to(k.dtype)
+    scale = head_d ** -0.5
+    bottom_right = causal == "bottom_right"
+    is_causal = causal != "none"
+    shift = n - m if bottom_right else 0
+    out, lse = torch.ops.fa_inductor.flash_attention_forward(q, k, v, scale, is_causal, bottom_right)
+    grad = torch.randn_like(out)
+    grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    acc = torch.full(q.shape, float("nan"), device="cuda")
+    right = 0 if is_causal else -1
+
+    def kv_pass(lse_units, delta):
+        acc.zero_()
+        gluon_backward_one_pass(q, k, v, grad, lse_units, delta, grads[1], grads[2], acc, scale, right, shift,
+                             stages=stages)
+
+    def q_pass(lse_units, delta):
+        grads[0].copy_(acc * scale)
+
+    spec = MaskSpec(right=right, bottom_right=bottom_right)
+    flash_backward(grad, q, k, v, out, lse, None, *grads, None, scale, spec, INTERPRETER_CONFIG, INTERPRETER_CONFIG,
+                   {"DOT_PRECISION": "ieee", "SOFT_BF16": False}, kv_pass=kv_pass, q_pass=q_pass)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    math_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    attention_ref(*ref_in, scale, is_causal, bottom_right, upcast=False).backward(grad.double())
+    torch_math(*math_in, scale, is_causal, bottom_right).backward(grad)
+    for name, g, r, t in zip("qkv", grads, ref_in, math_in):
+        assert_within_budget(f"d{name}", g, t.grad, r.grad, depth=head_d)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_deterministic_algorithms_keep_two_passes(causal):
+    """Under ``torch.use_deterministic_algorithms`` a head-dim-64 backward with one key head per query head runs
+    the two-pass route (dQ not summed by reductions in varying order): the same gradients, bit for bit, in two
+    runs, and the one-pass counter unchanged; without it the one-pass kernel runs and agrees within budget."""
+    q, k, v = make_qkv(2, 4, 4, 333, 333, 64, 64, torch.bfloat16, "cuda", "bhld")
+    grad = torch.randn_like(q)
+
+    def gradients():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = flash_attention(*inputs, 0.125, causal, False, False)
+        return torch.autograd.grad(out, inputs, grad)
+
+    before = _counters()["gluon_backward_one_pass"]
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        first, second = gradients(), gradients()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert _counters()["gluon_backward_one_pass"] == before
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    one_pass = gradients()
+    assert _counters()["gluon_backward_one_pass"] == before + 1
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    math_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    attention_ref(*ref_in, 0.125, causal, False, upcast=False).backward(grad.double())
+    torch_math(*math_in, 0.125, causal, False).backward(grad)
+    for name, g, r, t in zip("qkv", one_pass, ref_in, math_in):
+        assert_within_budget(f"d{name}", g, t.grad, r.grad, depth=64)

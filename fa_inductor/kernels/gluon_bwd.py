@@ -34,15 +34,21 @@ backward calls them after checking what they support (``op.gluon_backward_applie
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import FP_FUSION, LOG2E, head_group, tile_coords
-from .gluon_fwd import REGISTERS, _descriptor, _mma_layout, _store_rows, _tma_load
+from .gluon_fwd import REGISTERS, _descriptor, _mma_layout, _partition_barrier, _store_rows, _tma_load
 
-__all__ = ["gluon_backward_kv", "gluon_backward_q"]
+__all__ = ["gluon_backward_kv", "gluon_backward_q", "gluon_backward_one_pass", "ONE_PASS_AVAILABLE"]
 
 KEYS_PER_CONSUMER = 64
 QUERY_BLOCK = 64
@@ -489,3 +495,205 @@ def gluon_backward_q(q, k, v, grad_out, lse_units, delta, dq, scale: float, caus
         causal_right if has_right else 0, scale * LOG2E, scale,
         HEAD_D=head_d, BLOCK_KEYS=block_keys, STAGES=stages, HAS_RIGHT=has_right, CONSUMER_REGS=regs,
         PRODUCER_REGS=24, CONSUMERS=consumers, num_warps=4, maxnreg=maxnreg, **FP_FUSION)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One-pass backward: the dK/dV program also computes dQ += dS K and adds it into an fp32 buffer with TMA bulk
+# reductions (cp.reduce.async.bulk.tensor), so no dQ pass recomputes S and dP (5 matrix products per tile pair
+# instead of 7).
+
+if hasattr(tma, "async_atomic_add"):  # Triton 3.9's name
+    _tma_reduce_add = tma.async_atomic_add
+else:
+    @builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """global[box at coord] += shared ``src`` through TMA (completion tracked like a TMA store)."""
+        from triton._C.libtriton import ir
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
+
+def _one_pass_available() -> bool:
+    if hasattr(tma, "async_atomic_add"):
+        return True
+    try:
+        from triton._C.libtriton import gluon_ir, ir
+    except ImportError:
+        return False
+    return hasattr(gluon_ir.GluonOpBuilder, "create_async_tma_reduce") and hasattr(ir, "DESCRIPTOR_REDUCE_KIND")
+
+
+ONE_PASS_AVAILABLE = _one_pass_available()
+ONE_PASS_HEAD_DIMS = (64,)
+DQ_SPLIT = 32  # dQ columns per TMA reduction box (128 bytes of fp32: one 128-byte swizzle row)
+DQ_N = gl.constexpr(DQ_SPLIT)
+
+
+@gluon.jit
+def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, ds_bufs, dq_bufs, kv_bar, ready, empty, LseUnits,
+                    Delta, DK, DV, dq_desc, off_b, off_hk, key0, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                    stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift, right, qk_scale, scale, q_lo,
+                    full_lo, per_head, HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                    WG: gl.constexpr):
+    s_layout: gl.constexpr = _mma_layout(TILE_M)
+    acc_layout: gl.constexpr = _mma_layout(HEAD_D)
+    dq_layout: gl.constexpr = _mma_layout(DQ_N)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    dtype: gl.constexpr = k_bufs.dtype
+    SPLITS: gl.constexpr = HEAD_D // DQ_N
+
+    keys = key0 + gl.arange(0, WG_N, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, TILE_M, layout=gl.SliceLayout(0, s_layout))
+    k = k_bufs.index(WG).reshape([WG_N, HEAD_D])
+    v = v_bufs.index(WG).reshape([WG_N, HEAD_D])
+    kd0 = kd_bufs.index(WG * SPLITS).reshape([WG_N, DQ_N])
+    kd1 = kd_bufs.index(WG * SPLITS + 1).reshape([WG_N, DQ_N])
+    ds_smem = ds_bufs.index(WG)
+    s_init = gl.zeros([WG_N, TILE_M], gl.float32, layout=s_layout)
+    dq_init = gl.zeros([TILE_M, DQ_N], gl.float32, layout=dq_layout)
+    dk = gl.zeros([WG_N, HEAD_D], gl.float32, layout=acc_layout)
+    dv = gl.zeros([WG_N, HEAD_D], gl.float32, layout=acc_layout)
+    # Keys past N arrive zero-filled; their P would be exp2(-LSE), which can overflow, and dQ reads them.
+    key_tail = key0 + WG_N > n_keys
+    mbarrier.wait(kv_bar, 0)
+
+    dq0 = dq_init
+    dq1 = dq_init
+    prev_h = off_hk * group
+    prev_row0 = q_lo
+    n_iter = group * per_head
+    for it in range(n_iter):
+        row0, rows, stats = _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols)
+        lse = gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf"))
+        delta = gl.load(Delta + stats, mask=rows < n_queries, other=0.0)
+        stage, q, do = _ring_tiles(q_ring, do_ring, ready, it, HEAD_D, STAGES)
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
+        # The previous tile's dQ leaves while this tile's S^T and dP^T are on the tensor cores.
+        if it > 0:
+            _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, prev_h, prev_row0, WG)
+        st = warpgroup_mma_wait(1, deps=[st_tok])
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+        if (row0 < full_lo) | key_tail:
+            keep = gl.expand_dims(keys, 1) < n_keys
+            if HAS_RIGHT:
+                keep = keep & (gl.expand_dims(keys, 1) <= gl.expand_dims(rows, 0) + (shift + right))
+            pt = gl.where(keep, pt, 0.0)
+        dpt = warpgroup_mma_wait(0, deps=[dpt_tok])
+        pt16 = gl.convert_layout(pt.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(pt16, do, dv, is_async=True)
+        ds = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+        dst16 = gl.convert_layout(ds, a_layout)
+        dk_tok = warpgroup_mma(dst16, q, dk, is_async=True)
+        # dS for dQ = dS K goes through shared memory (the MMA reads it transposed).
+        ds_smem.store(ds)
+        fence_async_shared()
+        _partition_barrier()
+        dq_tok0 = warpgroup_mma(ds_smem.permute((1, 0)), kd0, dq_init, use_acc=False, is_async=True)
+        dq_tok1 = warpgroup_mma(ds_smem.permute((1, 0)), kd1, dq_init, use_acc=False, is_async=True)
+        dv, dk, dq0, dq1, pt16, dst16 = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok0, dq_tok1, pt16, dst16])
+        mbarrier.arrive(empty.index(stage), count=1)
+        prev_h = off_hk * group + it // per_head
+        prev_row0 = row0
+    if n_iter > 0:
+        _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, prev_h, prev_row0, WG)
+
+    tma.store_wait(0)  # shared memory must outlive the last reduction's read of it
+    _store_rows(DK, dk * scale, off_b, off_hk, key0, stride_dkb, stride_dkh, stride_dkn, n_keys, acc_layout, WG_N,
+                HEAD_D)
+    _store_rows(DV, dv, off_b, off_hk, key0, stride_dvb, stride_dvh, stride_dvn, n_keys, acc_layout, WG_N, HEAD_D)
+
+
+@gluon.jit
+def _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, off_h, row0, WG: gl.constexpr):
+    """Add one tile's dQ (two [64, 32] column halves) into the fp32 buffer through this warp group's staging
+    buffers and two TMA reductions, which run on while the warp group goes on."""
+    # The staging buffers' previous reductions must have read them.
+    tma.store_wait(0)
+    _partition_barrier()
+    dq_bufs.index(2 * WG).reshape([TILE_M, DQ_N]).store(dq0)
+    dq_bufs.index(2 * WG + 1).reshape([TILE_M, DQ_N]).store(dq1)
+    fence_async_shared()
+    _partition_barrier()
+    _tma_reduce_add(dq_desc, [off_b, off_h, row0, 0], dq_bufs.index(2 * WG))
+    _tma_reduce_add(dq_desc, [off_b, off_h, row0, DQ_N], dq_bufs.index(2 * WG + 1))
+
+
+@gluon.jit
+def _one_pass_producer(q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs, kd_bufs, q_ring, do_ring, kv_bar,
+                    ready, empty, off_b, off_hk, start_n, group, q_lo, per_head, HEAD_D: gl.constexpr,
+                    STAGES: gl.constexpr):
+    SPLITS: gl.constexpr = HEAD_D // DQ_N
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
+                    + 2 * SPLITS * kd_desc.block_type.nbytes)
+    for wg in gl.static_range(2):
+        _tma_load(k_desc, [off_b, off_hk, start_n + wg * WG_N, 0], kv_bar, k_bufs.index(wg))
+        _tma_load(v_desc, [off_b, off_hk, start_n + wg * WG_N, 0], kv_bar, v_bufs.index(wg))
+        for part in gl.static_range(SPLITS):
+            _tma_load(kd_desc, [off_b, off_hk, start_n + wg * WG_N, part * DQ_N], kv_bar,
+                      kd_bufs.index(wg * SPLITS + part))
+    _stream_queries(q_desc, do_desc, q_ring, do_ring, ready, empty, off_b, off_hk, group, q_lo, per_head, STAGES)
+
+
+@gluon.jit
+def _gluon_bwd_one_pass_kernel(q_desc, k_desc, v_desc, kd_desc, do_desc, dq_desc, LseUnits, Delta, DK, DV, stride_dkb,
+                            stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, kv_heads, group,
+                            n_queries, n_keys, n_n_blocks, shift, right, qk_scale, scale,
+                            HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                            DS_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    SPLITS: gl.constexpr = HEAD_D // DQ_N
+    off_b, off_hk, start_n, q_lo, full_lo, per_head = _kv_program(n_n_blocks, kv_heads, n_queries, shift, right,
+                                                                  2 * WG_N, HAS_RIGHT)
+    k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty = _buffers(k_desc, v_desc, q_desc, do_desc, STAGES)
+    kd_bufs = gl.allocate_shared_memory(kd_desc.dtype, [2 * SPLITS] + kd_desc.block_type.shape, kd_desc.layout)
+    ds_bufs = gl.allocate_shared_memory(kd_desc.dtype, [2, WG_N, TILE_M], DS_LAYOUT)
+    dq_bufs = gl.allocate_shared_memory(dq_desc.dtype, [2 * SPLITS] + dq_desc.block_type.shape, dq_desc.layout)
+
+    gl.warp_specialize([
+        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, ds_bufs, dq_bufs, kv_bar, ready, empty,
+                           LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n, stride_dkb, stride_dkh,
+                           stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift,
+                           right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES, HAS_RIGHT, 0)),
+        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, ds_bufs, dq_bufs, kv_bar, ready, empty,
+                           LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n + WG_N, stride_dkb, stride_dkh,
+                           stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift,
+                           right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES, HAS_RIGHT, 1)),
+        (_one_pass_producer, (q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs, kd_bufs, q_ring, do_ring,
+                           kv_bar, ready, empty, off_b, off_hk, start_n, group, q_lo, per_head, HEAD_D, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+@functools.lru_cache(maxsize=None)
+def _ds_layout(dtype):
+    """The shared-memory layout of a consumer's [64 keys, 64 queries] dS^T tile."""
+    return gl.NVMMASharedLayout.get_default_for([KEYS_PER_CONSUMER, QUERY_BLOCK],
+                                                gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def _column_descriptor(x, rows: int, cols: int):
+    """A TMA descriptor over the 4-D tensor ``x`` [B, H, L, D] moving [1, 1, rows, cols] boxes."""
+    block = [1, 1, rows, cols]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32 if x.dtype == torch.float32 else gl.float16)
+    strides = [stride if size > 1 else 8 * max(1, -(-abs(stride) // 8))
+               for size, stride in zip(x.shape[:3], x.stride()[:3])] + [1]
+    return TensorDescriptor(x, list(x.shape), strides, block, layout)
+
+
+def gluon_backward_one_pass(q, k, v, grad_out, lse_units, delta, dk, dv, dq_acc, scale: float, causal_right: int,
+                         shift: int, stages: int = 2) -> None:
+    """dK/dV as ``gluon_backward_kv`` plus dq_acc += dS K (unscaled) for the same operands; dq_acc is a contiguous
+    fp32 [B, H, M, D] buffer the caller zeroes first and scales afterwards.  Head dims in ``ONE_PASS_HEAD_DIMS``."""
+    batch, heads, n_queries, head_d = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    n_n_blocks = triton.cdiv(n_keys, 2 * KEYS_PER_CONSUMER)
+    has_right = causal_right >= 0
+    regs, maxnreg = REGISTERS[2]
+    _gluon_bwd_one_pass_kernel[(n_n_blocks * batch * kv_heads,)](
+        _descriptor(q, QUERY_BLOCK), _descriptor(k, KEYS_PER_CONSUMER), _descriptor(v, KEYS_PER_CONSUMER),
+        _column_descriptor(k, KEYS_PER_CONSUMER, DQ_SPLIT), _descriptor(grad_out, QUERY_BLOCK),
+        _column_descriptor(dq_acc, QUERY_BLOCK, DQ_SPLIT), lse_units, delta, dk, dv, dk.stride(0), dk.stride(1),
+        dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), heads, kv_heads, heads // kv_heads, n_queries,
+        n_keys, n_n_blocks, shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E, scale,
+        HEAD_D=head_d, STAGES=stages, HAS_RIGHT=has_right, DS_LAYOUT=_ds_layout(q.dtype),
+        CONSUMER_REGS=regs, PRODUCER_REGS=24, num_warps=4, maxnreg=maxnreg, **FP_FUSION)

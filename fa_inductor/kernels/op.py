@@ -65,6 +65,12 @@ GLUON_BACKWARD_HEAD_DIMS = (128, 256)
 # 3-4 % faster than both Triton passes (README.md there, "Issue 7, third pass"); without one it was slower.
 GLUON_DQ_CAUSAL_HEAD_DIMS = (64,)
 GLUON_DQ_CAUSAL_BLOCK_KEYS = 128
+# Head dims whose backward, without grouped query heads, is one pass (``gluon_bwd.gluon_backward_one_pass``: dQ
+# added into fp32 by TMA reductions from the dK/dV program, 5 matrix products per tile pair instead of 7).  It
+# measured 2-5 % faster than the routes above at head dim 64 with one key head per query head, and no faster
+# with four (README.md there, "Issue 7, thirteenth pass").  Its dQ sums in no fixed order, so calls made under
+# ``torch.use_deterministic_algorithms`` keep the two passes.
+ONE_PASS_HEAD_DIMS = (64,)
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -250,10 +256,21 @@ def _gluon_eligible(query: Tensor, key: Tensor, value: Tensor, scale: float, spe
 
 def gluon_backward_applies(query: Tensor, key: Tensor, value: Tensor, scale: float, spec: MaskSpec) -> bool:
     """Whether the backward goes to the Hopper op, i.e. runs Gluon passes: ``_gluon_eligible``, and a head dim
-    in ``GLUON_BACKWARD_HEAD_DIMS``, or in ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal mask."""
+    in ``GLUON_BACKWARD_HEAD_DIMS``, in ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal mask, or in
+    ``ONE_PASS_HEAD_DIMS`` with as many key heads as query heads."""
     # _gluon_eligible first: it turns symbolic head dims away before the membership tests could guard on them.
     head_d = _gluon_eligible(query, key, value, scale, spec)
-    return head_d is not None and _gluon_backward_head_dim(head_d, spec.right)
+    return head_d is not None and (_gluon_backward_head_dim(head_d, spec.right)
+                                   or _one_pass_shape(head_d, query.shape[1], key.shape[1]))
+
+
+def _one_pass_shape(head_d: int, heads, kv_heads) -> bool:
+    """Whether the one-pass backward is measured for this head dim and head count (static head counts only: a
+    symbolic one stays on the other routes rather than add a guard), with Triton able to build it."""
+    if head_d not in ONE_PASS_HEAD_DIMS or not (isinstance(heads, int) and isinstance(kv_heads, int)):
+        return False
+    from .gluon_bwd import ONE_PASS_AVAILABLE
+    return heads == kv_heads and ONE_PASS_AVAILABLE
 
 
 def _gluon_backward_head_dim(head_d: int, right: int) -> bool:
@@ -304,16 +321,23 @@ def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Ten
                      grad_lse: Optional[Tensor], scale: float, right: int,
                      bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for a call ``gluon_backward_applies`` accepted, opaque for the same reason as the forward.
-    When ``_gluon_usable``, the dK/dV and dQ passes run the Gluon kernels at ``GLUON_BACKWARD_HEAD_DIMS``, and
-    at ``GLUON_DQ_CAUSAL_HEAD_DIMS`` the dK/dV pass stays the Triton kernel (the preprocess always is); else the
-    whole Triton backward runs.  counters["fa_inductor"] records which ("gluon_backward" /
-    "gluon_backward_fallback")."""
+    When ``_gluon_usable``: at ``ONE_PASS_HEAD_DIMS`` with one key head per query head (and no deterministic
+    algorithms asked for) the one-pass kernel runs; else the dK/dV and dQ passes run the Gluon kernels at
+    ``GLUON_BACKWARD_HEAD_DIMS``, and at ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal mask the dK/dV pass stays
+    the Triton kernel (the preprocess always is); else the whole Triton backward runs.  counters["fa_inductor"]
+    records which ("gluon_backward", with "gluon_backward_one_pass" for the first, / "gluon_backward_fallback")."""
     spec = MaskSpec(right=right, bottom_right=bottom_right)
     dq, dk, dv, _ = _empty_grads(query, key, value, None, False)
+    usable = _gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1
     # The body of an opaque op only ever sees real tensors: Triton kernels launch directly.
     with direct_launches():
-        if (_gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1
-                and _gluon_backward_head_dim(query.shape[-1], right)):
+        if (usable and _one_pass_shape(query.shape[-1], query.shape[1], key.shape[1])
+                and not torch.are_deterministic_algorithms_enabled()):
+            _one_pass_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, scale, spec, right,
+                               bottom_right)
+            _count("gluon_backward")
+            _count("gluon_backward_one_pass")
+        elif usable and _gluon_backward_head_dim(query.shape[-1], right):
             from .gluon_bwd import gluon_backward_kv, gluon_backward_q
 
             shift = _shift(query, key, bottom_right)
@@ -340,6 +364,27 @@ def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Ten
             _triton_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec)
             _count("gluon_backward_fallback")
     return dq, dk, dv
+
+
+def _one_pass_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, scale, spec, right,
+                       bottom_right) -> None:
+    """The preprocess, then ``gluon_backward_one_pass`` (dK, dV, and dQ summed into an fp32 buffer), then dQ
+    scaled into ``dq``."""
+    from .gluon_bwd import gluon_backward_one_pass
+
+    shift = _shift(query, key, bottom_right)
+    dq_sum = torch.zeros(query.shape, device=query.device, dtype=torch.float32)
+
+    def one_pass(lse_units, delta):
+        gluon_backward_one_pass(query, key, value, grad_out, lse_units, delta, dk, dv, dq_sum, scale, right, shift)
+
+    def scale_dq(lse_units, delta):
+        torch.mul(dq_sum, scale, out=dq)
+
+    # The passes replaced read no Triton config (any will do).
+    flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec,
+                   INTERPRETER_CONFIG, INTERPRETER_CONFIG, dot_options(query.dtype, interpreted=False),
+                   kv_pass=one_pass, q_pass=scale_dq)
 
 
 _hopper_backward = torch.library.custom_op("fa_inductor::hopper_attention_backward", _hopper_backward_fn,

@@ -129,6 +129,19 @@ def test_routing_by_head_dim_and_features(head_d, causal, forward, backward, mon
 
 
 @needs_gluon
+def test_one_pass_backward_refuses_head_dims_it_is_not_built_for():
+    """The one-pass kernel holds a tile's dQ as two 32-column halves, i.e. head dim 64 only: another head dim is
+    a clear error before anything launches (the op never routes one there)."""
+    from fa_inductor.kernels.gluon_bwd import ONE_PASS_HEAD_DIMS, gluon_backward_one_pass
+
+    assert ONE_PASS_HEAD_DIMS == (64,) and set(op_module.ONE_PASS_HEAD_DIMS) <= set(ONE_PASS_HEAD_DIMS)
+    q = torch.empty(1, 2, 64, 128, dtype=torch.bfloat16)
+    stats = torch.empty(1, 2, 64)
+    with pytest.raises(ValueError, match="head dims"):
+        gluon_backward_one_pass(q, q, q, q, stats, stats, q, q, q.float(), 0.1, -1, 0)
+
+
+@needs_gluon
 @pytest.mark.parametrize("causal", [False, True])
 def test_grouped_heads_route_the_head_dim_64_backward_by_mask(causal, monkeypatch):
     """At head dim 64 the one-pass backward takes one key head per query head only: with grouped query heads a

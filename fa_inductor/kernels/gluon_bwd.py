@@ -25,11 +25,18 @@ option ``benchmarks/explore_gluon_bwd.py`` measures; the op uses two): the produ
 and streams K and V in blocks of ``block_keys``; each consumer (64 rows) issues S = Q K^T and dP = dO V^T
 together and accumulates dQ += dS K.
 
+One pass (``gluon_backward_one_pass``, head dims in ``ONE_PASS_HEAD_DIMS``): the dK/dV program above also
+computes each query tile's dQ contribution dS K, with dS^T stored to shared memory and read transposed by two
+[64, 32]-column MMAs (K is loaded a second time in 32-column halves for them), and adds it into a zeroed fp32
+buffer through a staging tile and TMA bulk reductions.  The reductions of one tile are issued while the next tile's
+S^T and dP^T are on the tensor cores.  The producer also loads each tile's LSE and Delta and stores them into the
+ring stage, whose "ready" mbarrier then takes two arrivals (the TMA bytes, the producer's stores).
+
 Query rows past M arrive zero-filled (TMA) and carry LSE = +inf, so they add exactly nothing; key tails and the
 blocks that cross the causal diagonal are the only ones that pay for mask arithmetic.  ``op.py``'s Hopper
 backward calls them after checking what they support (``op.gluon_backward_applies``): both passes at
 ``op.GLUON_BACKWARD_HEAD_DIMS``, the dQ pass alone (after the Triton dK/dV pass) for causal calls at
-``op.GLUON_DQ_CAUSAL_HEAD_DIMS``.
+``op.GLUON_DQ_CAUSAL_HEAD_DIMS``, and the one-pass kernel at ``op.ONE_PASS_HEAD_DIMS`` without grouped heads.
 """
 
 from __future__ import annotations
@@ -43,7 +50,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import FP_FUSION, LOG2E, head_group, tile_coords
 from .gluon_fwd import REGISTERS, _descriptor, _mma_layout, _partition_barrier, _store_rows, _tma_load
@@ -58,7 +64,7 @@ TILE_M = gl.constexpr(QUERY_BLOCK)
 
 @gluon.jit
 def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr, RESIDENT: gl.constexpr = 2,
-             CONSUMERS: gl.constexpr = 2):
+             CONSUMERS: gl.constexpr = 2, READY_ARRIVALS: gl.constexpr = 1):
     """Shared memory of the backward passes: ``RESIDENT`` tiles each of the operands a program keeps (one per
     consumer that owns rows, signalled by one mbarrier), and a ring of ``STAGES`` tiles each of the operands it
     streams, with "ready" (TMA bytes landed) and "empty" (all ``CONSUMERS`` released it) mbarriers per stage."""
@@ -73,7 +79,7 @@ def _buffers(a_desc, b_desc, ring_a_desc, ring_b_desc, STAGES: gl.constexpr, RES
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(resident, count=1)
     for stage in gl.static_range(STAGES):
-        mbarrier.init(ready.index(stage), count=1)
+        mbarrier.init(ready.index(stage), count=READY_ARRIVALS)
         mbarrier.init(empty.index(stage), count=CONSUMERS)
     return a_bufs, b_bufs, ring_a, ring_b, resident, ready, empty
 
@@ -525,13 +531,13 @@ def _one_pass_available() -> bool:
 
 
 ONE_PASS_AVAILABLE = _one_pass_available()
-ONE_PASS_HEAD_DIMS = (64,)
+ONE_PASS_HEAD_DIMS = (64,)  # the kernel holds a tile's dQ as two [64, 32] halves
 DQ_SPLIT = 32  # dQ columns per TMA reduction box (128 bytes of fp32: one 128-byte swizzle row)
 DQ_N = gl.constexpr(DQ_SPLIT)
 
 
 @gluon.jit
-def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, ds_bufs, dq_bufs, kv_bar, ready, empty, LseUnits,
+def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar, ready, empty, LseUnits,
                     Delta, DK, DV, dq_desc, off_b, off_hk, key0, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
                     stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift, right, qk_scale, scale, q_lo,
                     full_lo, per_head, HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
@@ -565,9 +571,10 @@ def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, ds_bufs, dq_buf
     n_iter = group * per_head
     for it in range(n_iter):
         row0, rows, stats = _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols)
-        lse = gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf"))
-        delta = gl.load(Delta + stats, mask=rows < n_queries, other=0.0)
         stage, q, do = _ring_tiles(q_ring, do_ring, ready, it, HEAD_D, STAGES)
+        # The producer put this tile's row statistics in shared memory with its Q and dO.
+        lse = stat_ring.index(2 * stage).load(gl.SliceLayout(0, s_layout))
+        delta = stat_ring.index(2 * stage + 1).load(gl.SliceLayout(0, s_layout))
         st_tok = warpgroup_mma(k, q.permute((1, 0)), s_init, use_acc=False, is_async=True)
         dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
         # The previous tile's dQ leaves while this tile's S^T and dP^T are on the tensor cores.
@@ -621,9 +628,9 @@ def _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, off_h, row0, WG: gl.constexpr)
 
 
 @gluon.jit
-def _one_pass_producer(q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs, kd_bufs, q_ring, do_ring, kv_bar,
-                    ready, empty, off_b, off_hk, start_n, group, q_lo, per_head, HEAD_D: gl.constexpr,
-                    STAGES: gl.constexpr):
+def _one_pass_producer(q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs, kd_bufs, q_ring, do_ring,
+                       stat_ring, kv_bar, ready, empty, LseUnits, Delta, off_b, off_hk, start_n, group, q_lo,
+                       per_head, n_heads, n_queries, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
     SPLITS: gl.constexpr = HEAD_D // DQ_N
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
                     + 2 * SPLITS * kd_desc.block_type.nbytes)
@@ -633,7 +640,24 @@ def _one_pass_producer(q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs,
         for part in gl.static_range(SPLITS):
             _tma_load(kd_desc, [off_b, off_hk, start_n + wg * WG_N, part * DQ_N], kv_bar,
                       kd_bufs.index(wg * SPLITS + part))
-    _stream_queries(q_desc, do_desc, q_ring, do_ring, ready, empty, off_b, off_hk, group, q_lo, per_head, STAGES)
+    # As ``_stream_queries``, and each stage also carries its rows' LSE and Delta, loaded by this warp and stored
+    # to shared memory (the stage's second arrival), so that no consumer waits on global loads.
+    stat_layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
+    cols = gl.arange(0, TILE_M, layout=stat_layout)
+    for it in range(group * per_head):
+        off_h = off_hk * group + it // per_head
+        row0 = q_lo + (it % per_head) * TILE_M
+        stage = it % STAGES
+        mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        _tma_load(q_desc, [off_b, off_h, row0, 0], ready.index(stage), q_ring.index(stage))
+        _tma_load(do_desc, [off_b, off_h, row0, 0], ready.index(stage), do_ring.index(stage))
+        rows = row0 + cols
+        stats = (off_b * n_heads + off_h).to(gl.int64) * n_queries + rows
+        # Rows past M: LSE = +inf makes P = 0 there.
+        stat_ring.index(2 * stage).store(gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf")))
+        stat_ring.index(2 * stage + 1).store(gl.load(Delta + stats, mask=rows < n_queries, other=0.0))
+        mbarrier.arrive(ready.index(stage), count=1)
 
 
 @gluon.jit
@@ -645,22 +669,27 @@ def _gluon_bwd_one_pass_kernel(q_desc, k_desc, v_desc, kd_desc, do_desc, dq_desc
     SPLITS: gl.constexpr = HEAD_D // DQ_N
     off_b, off_hk, start_n, q_lo, full_lo, per_head = _kv_program(n_n_blocks, kv_heads, n_queries, shift, right,
                                                                   2 * WG_N, HAS_RIGHT)
-    k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty = _buffers(k_desc, v_desc, q_desc, do_desc, STAGES)
+    # A ring stage is ready when its TMA bytes have landed and the producer has stored its rows' statistics.
+    k_bufs, v_bufs, q_ring, do_ring, kv_bar, ready, empty = _buffers(k_desc, v_desc, q_desc, do_desc, STAGES, 2, 2,
+                                                                     2)
+    stat_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, TILE_M],
+                                          gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
     kd_bufs = gl.allocate_shared_memory(kd_desc.dtype, [2 * SPLITS] + kd_desc.block_type.shape, kd_desc.layout)
     ds_bufs = gl.allocate_shared_memory(kd_desc.dtype, [2, WG_N, TILE_M], DS_LAYOUT)
     dq_bufs = gl.allocate_shared_memory(dq_desc.dtype, [2 * SPLITS] + dq_desc.block_type.shape, dq_desc.layout)
 
     gl.warp_specialize([
-        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, ds_bufs, dq_bufs, kv_bar, ready, empty,
+        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar, ready, empty,
                            LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n, stride_dkb, stride_dkh,
                            stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift,
                            right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES, HAS_RIGHT, 0)),
-        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, ds_bufs, dq_bufs, kv_bar, ready, empty,
+        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar, ready, empty,
                            LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n + WG_N, stride_dkb, stride_dkh,
                            stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift,
                            right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES, HAS_RIGHT, 1)),
         (_one_pass_producer, (q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs, kd_bufs, q_ring, do_ring,
-                           kv_bar, ready, empty, off_b, off_hk, start_n, group, q_lo, per_head, HEAD_D, STAGES)),
+                              stat_ring, kv_bar, ready, empty, LseUnits, Delta, off_b, off_hk, start_n, group, q_lo,
+                              per_head, n_heads, n_queries, HEAD_D, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -671,28 +700,21 @@ def _ds_layout(dtype):
                                                 gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
-def _column_descriptor(x, rows: int, cols: int):
-    """A TMA descriptor over the 4-D tensor ``x`` [B, H, L, D] moving [1, 1, rows, cols] boxes."""
-    block = [1, 1, rows, cols]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32 if x.dtype == torch.float32 else gl.float16)
-    strides = [stride if size > 1 else 8 * max(1, -(-abs(stride) // 8))
-               for size, stride in zip(x.shape[:3], x.stride()[:3])] + [1]
-    return TensorDescriptor(x, list(x.shape), strides, block, layout)
-
-
 def gluon_backward_one_pass(q, k, v, grad_out, lse_units, delta, dk, dv, dq_acc, scale: float, causal_right: int,
                          shift: int, stages: int = 2) -> None:
     """dK/dV as ``gluon_backward_kv`` plus dq_acc += dS K (unscaled) for the same operands; dq_acc is a contiguous
     fp32 [B, H, M, D] buffer the caller zeroes first and scales afterwards.  Head dims in ``ONE_PASS_HEAD_DIMS``."""
     batch, heads, n_queries, head_d = q.shape
+    if head_d not in ONE_PASS_HEAD_DIMS:
+        raise ValueError(f"the one-pass backward is built for head dims {ONE_PASS_HEAD_DIMS}, not {head_d}")
     kv_heads, n_keys = k.shape[1], k.shape[2]
     n_n_blocks = triton.cdiv(n_keys, 2 * KEYS_PER_CONSUMER)
     has_right = causal_right >= 0
     regs, maxnreg = REGISTERS[2]
     _gluon_bwd_one_pass_kernel[(n_n_blocks * batch * kv_heads,)](
         _descriptor(q, QUERY_BLOCK), _descriptor(k, KEYS_PER_CONSUMER), _descriptor(v, KEYS_PER_CONSUMER),
-        _column_descriptor(k, KEYS_PER_CONSUMER, DQ_SPLIT), _descriptor(grad_out, QUERY_BLOCK),
-        _column_descriptor(dq_acc, QUERY_BLOCK, DQ_SPLIT), lse_units, delta, dk, dv, dk.stride(0), dk.stride(1),
+        _descriptor(k, KEYS_PER_CONSUMER, DQ_SPLIT), _descriptor(grad_out, QUERY_BLOCK),
+        _descriptor(dq_acc, QUERY_BLOCK, DQ_SPLIT), lse_units, delta, dk, dv, dk.stride(0), dk.stride(1),
         dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), heads, kv_heads, heads // kv_heads, n_queries,
         n_keys, n_n_blocks, shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E, scale,
         HEAD_D=head_d, STAGES=stages, HAS_RIGHT=has_right, DS_LAYOUT=_ds_layout(q.dtype),

@@ -522,11 +522,13 @@ def _tile_layout(rows: int, head_d: int, itemsize: int):
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_d], gl.float16 if itemsize == 2 else gl.float32)
 
 
-def _descriptor(x, rows: int):
-    """A TMA descriptor over the 4-D tensor ``x`` [B, H, L, D] loading [1, 1, rows, D] tiles.  A dim of length
-    1 may carry any stride in PyTorch; the descriptor gets a valid one (only index 0 is ever read there)."""
-    block = [1, 1, rows, x.shape[3]]
-    layout = _tile_layout(rows, x.shape[3], x.dtype.itemsize)
+def _descriptor(x, rows: int, cols: int | None = None):
+    """A TMA descriptor over the 4-D tensor ``x`` [B, H, L, D] moving [1, 1, rows, cols] tiles (cols: D by
+    default).  A dim of length 1 may carry any stride in PyTorch; the descriptor gets a valid one (only index 0 is
+    ever read there)."""
+    cols = x.shape[3] if cols is None else cols
+    block = [1, 1, rows, cols]
+    layout = _tile_layout(rows, cols, x.dtype.itemsize)
     strides = [stride if size > 1 else 8 * max(1, -(-abs(stride) // 8))
                for size, stride in zip(x.shape[:3], x.stride()[:3])] + [1]
     return TensorDescriptor(x, list(x.shape), strides, block, layout)

@@ -66,11 +66,13 @@ GLUON_BACKWARD_HEAD_DIMS = (128, 256)
 GLUON_DQ_CAUSAL_HEAD_DIMS = (64,)
 GLUON_DQ_CAUSAL_BLOCK_KEYS = 128
 # Head dims whose backward, without grouped query heads, is one pass (``gluon_bwd.gluon_backward_one_pass``: dQ
-# added into fp32 by TMA reductions from the dK/dV program, 5 matrix products per tile pair instead of 7).  It
-# measured 2-5 % faster than the routes above at head dim 64 with one key head per query head, and no faster
-# with four (README.md there, "Issue 7, thirteenth pass").  Its dQ sums in no fixed order, so calls made under
+# added into fp32 by TMA reductions from the dK/dV program, 5 matrix products per tile pair instead of 7).  At
+# head dim 64 it took 0-12 % less time than the routes above on the H100; with grouped query heads (the Llama
+# shape) the model's training step was no faster, so ONE_PASS_GROUPED stays off (benchmarks/reference/README.md,
+# "Issue 7, thirteenth pass").  Its dQ sums in no fixed order, so calls made under
 # ``torch.use_deterministic_algorithms`` keep the two passes.
 ONE_PASS_HEAD_DIMS = (64,)
+ONE_PASS_GROUPED = False
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -270,7 +272,7 @@ def _one_pass_shape(head_d: int, heads, kv_heads) -> bool:
     if head_d not in ONE_PASS_HEAD_DIMS or not (isinstance(heads, int) and isinstance(kv_heads, int)):
         return False
     from .gluon_bwd import ONE_PASS_AVAILABLE
-    return heads == kv_heads and ONE_PASS_AVAILABLE
+    return (heads == kv_heads or ONE_PASS_GROUPED) and ONE_PASS_AVAILABLE
 
 
 def _gluon_backward_head_dim(head_d: int, right: int) -> bool:

@@ -180,9 +180,13 @@ def _kv_producer(q_desc, k_desc, v_desc, do_desc, k_bufs, v_bufs, q_ring, do_rin
 
 @gluon.jit
 def _stream_queries(q_desc, do_desc, q_ring, do_ring, ready, empty, off_b, off_hk, group, q_lo, per_head,
-                    STAGES: gl.constexpr):
+                    STAGES: gl.constexpr, stat_ring=None, LseUnits=None, Delta=None, n_heads=0, n_queries=0,
+                    STATS: gl.constexpr = False):
     """The dK/dV producer's loop: the (Q, dO) tiles of every query head of the group and every query block from
-    q_lo, through the ring."""
+    q_lo, through the ring.  ``STATS`` (the one-pass kernel): each stage also carries its rows' LSE and Delta,
+    loaded by this warp and stored to ``stat_ring`` (the stage's second arrival), so that no consumer waits on
+    global loads."""
+    stat_layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
     for it in range(group * per_head):
         off_h = off_hk * group + it // per_head
         row0 = q_lo + (it % per_head) * TILE_M
@@ -192,6 +196,13 @@ def _stream_queries(q_desc, do_desc, q_ring, do_ring, ready, empty, off_b, off_h
         mbarrier.expect(ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         _tma_load(q_desc, [off_b, off_h, row0, 0], ready.index(stage), q_ring.index(stage))
         _tma_load(do_desc, [off_b, off_h, row0, 0], ready.index(stage), do_ring.index(stage))
+        if STATS:
+            rows = row0 + gl.arange(0, TILE_M, layout=stat_layout)
+            stats = (off_b * n_heads + off_h).to(gl.int64) * n_queries + rows
+            # Rows past M: LSE = +inf makes P = 0 there.
+            stat_ring.index(2 * stage).store(gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf")))
+            stat_ring.index(2 * stage + 1).store(gl.load(Delta + stats, mask=rows < n_queries, other=0.0))
+            mbarrier.arrive(ready.index(stage), count=1)
 
 
 @gluon.jit
@@ -640,24 +651,8 @@ def _one_pass_producer(q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs,
         for part in gl.static_range(SPLITS):
             _tma_load(kd_desc, [off_b, off_hk, start_n + wg * WG_N, part * DQ_N], kv_bar,
                       kd_bufs.index(wg * SPLITS + part))
-    # As ``_stream_queries``, and each stage also carries its rows' LSE and Delta, loaded by this warp and stored
-    # to shared memory (the stage's second arrival), so that no consumer waits on global loads.
-    stat_layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
-    cols = gl.arange(0, TILE_M, layout=stat_layout)
-    for it in range(group * per_head):
-        off_h = off_hk * group + it // per_head
-        row0 = q_lo + (it % per_head) * TILE_M
-        stage = it % STAGES
-        mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        _tma_load(q_desc, [off_b, off_h, row0, 0], ready.index(stage), q_ring.index(stage))
-        _tma_load(do_desc, [off_b, off_h, row0, 0], ready.index(stage), do_ring.index(stage))
-        rows = row0 + cols
-        stats = (off_b * n_heads + off_h).to(gl.int64) * n_queries + rows
-        # Rows past M: LSE = +inf makes P = 0 there.
-        stat_ring.index(2 * stage).store(gl.load(LseUnits + stats, mask=rows < n_queries, other=float("inf")))
-        stat_ring.index(2 * stage + 1).store(gl.load(Delta + stats, mask=rows < n_queries, other=0.0))
-        mbarrier.arrive(ready.index(stage), count=1)
+    _stream_queries(q_desc, do_desc, q_ring, do_ring, ready, empty, off_b, off_hk, group, q_lo, per_head, STAGES,
+                    stat_ring, LseUnits, Delta, n_heads, n_queries, True)
 
 
 @gluon.jit

@@ -548,11 +548,11 @@ DQ_N = gl.constexpr(DQ_SPLIT)
 
 
 @gluon.jit
-def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar, ready, empty, LseUnits,
-                    Delta, DK, DV, dq_desc, off_b, off_hk, key0, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                    stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift, right, qk_scale, scale, q_lo,
-                    full_lo, per_head, HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                    WG: gl.constexpr):
+def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar, ready,
+                       empty, LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, key0, stride_dkb, stride_dkh,
+                       stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift,
+                       right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D: gl.constexpr,
+                       STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
     s_layout: gl.constexpr = _mma_layout(TILE_M)
     acc_layout: gl.constexpr = _mma_layout(HEAD_D)
     dq_layout: gl.constexpr = _mma_layout(DQ_N)
@@ -656,11 +656,11 @@ def _one_pass_producer(q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs,
 
 
 @gluon.jit
-def _gluon_bwd_one_pass_kernel(q_desc, k_desc, v_desc, kd_desc, do_desc, dq_desc, LseUnits, Delta, DK, DV, stride_dkb,
-                            stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, kv_heads, group,
-                            n_queries, n_keys, n_n_blocks, shift, right, qk_scale, scale,
-                            HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                            DS_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+def _gluon_bwd_one_pass_kernel(q_desc, k_desc, v_desc, kd_desc, do_desc, dq_desc, LseUnits, Delta, DK, DV,
+                               stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads,
+                               kv_heads, group, n_queries, n_keys, n_n_blocks, shift, right, qk_scale, scale,
+                               HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                               DS_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     SPLITS: gl.constexpr = HEAD_D // DQ_N
     off_b, off_hk, start_n, q_lo, full_lo, per_head = _kv_program(n_n_blocks, kv_heads, n_queries, shift, right,
                                                                   2 * WG_N, HAS_RIGHT)
@@ -674,14 +674,16 @@ def _gluon_bwd_one_pass_kernel(q_desc, k_desc, v_desc, kd_desc, do_desc, dq_desc
     dq_bufs = gl.allocate_shared_memory(dq_desc.dtype, [2 * SPLITS] + dq_desc.block_type.shape, dq_desc.layout)
 
     gl.warp_specialize([
-        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar, ready, empty,
-                           LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n, stride_dkb, stride_dkh,
-                           stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift,
-                           right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES, HAS_RIGHT, 0)),
-        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar, ready, empty,
-                           LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n + WG_N, stride_dkb, stride_dkh,
-                           stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift,
-                           right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES, HAS_RIGHT, 1)),
+        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar,
+                              ready, empty, LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n, stride_dkb,
+                              stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries,
+                              n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES,
+                              HAS_RIGHT, 0)),
+        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar,
+                              ready, empty, LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n + WG_N, stride_dkb,
+                              stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries,
+                              n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES,
+                              HAS_RIGHT, 1)),
         (_one_pass_producer, (q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs, kd_bufs, q_ring, do_ring,
                               stat_ring, kv_bar, ready, empty, LseUnits, Delta, off_b, off_hk, start_n, group, q_lo,
                               per_head, n_heads, n_queries, HEAD_D, STAGES)),

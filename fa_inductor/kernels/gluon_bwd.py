@@ -104,10 +104,15 @@ def _kv_program(n_n_blocks, kv_heads, n_queries, shift, right, KEYS: gl.constexp
 
 
 @gluon.jit
+def _query_block(it, off_hk, group, per_head, q_lo):
+    """Query head and first row of iteration ``it`` of a dK/dV program (its query heads one after another)."""
+    return off_hk * group + it // per_head, q_lo + (it % per_head) * TILE_M
+
+
+@gluon.jit
 def _query_tile(it, off_b, off_hk, group, per_head, q_lo, n_heads, n_queries, cols):
-    """Query head, first row and the [B, H, M] offsets of the rows of iteration ``it`` of a dK/dV program."""
-    off_h = off_hk * group + it // per_head
-    row0 = q_lo + (it % per_head) * TILE_M
+    """First row and the [B, H, M] offsets of the rows (columns ``cols``) of iteration ``it`` of a dK/dV program."""
+    off_h, row0 = _query_block(it, off_hk, group, per_head, q_lo)
     rows = row0 + cols
     stats = (off_b * n_heads + off_h).to(gl.int64) * n_queries + rows
     return row0, rows, stats
@@ -188,8 +193,7 @@ def _stream_queries(q_desc, do_desc, q_ring, do_ring, ready, empty, off_b, off_h
     global loads."""
     stat_layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
     for it in range(group * per_head):
-        off_h = off_hk * group + it // per_head
-        row0 = q_lo + (it % per_head) * TILE_M
+        off_h, row0 = _query_block(it, off_hk, group, per_head, q_lo)
         stage = it % STAGES
         # Fresh mbarriers count as having completed the phase before 0: the first lap does not wait.
         mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
@@ -612,8 +616,7 @@ def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_b
         dq_tok1 = warpgroup_mma(ds_smem.permute((1, 0)), kd1, dq_init, use_acc=False, is_async=True)
         dv, dk, dq0, dq1, pt16, dst16 = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok0, dq_tok1, pt16, dst16])
         mbarrier.arrive(empty.index(stage), count=1)
-        prev_h = off_hk * group + it // per_head
-        prev_row0 = row0
+        prev_h, prev_row0 = _query_block(it, off_hk, group, per_head, q_lo)
     if n_iter > 0:
         _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, prev_h, prev_row0, WG)
 

@@ -24,7 +24,7 @@ from fa_inductor.kernels import common, op
 from fa_inductor.kernels.common import dot_options
 from fa_inductor.kernels.configs import Direction
 from fa_inductor.kernels.flash_bwd import flash_backward
-from fa_inductor.kernels.gluon_bwd import gluon_backward_one_pass, gluon_backward_kv, gluon_backward_q
+from fa_inductor.kernels.gluon_bwd import gluon_backward_kv, gluon_backward_q
 from fa_inductor.kernels.masking import MaskSpec
 
 
@@ -61,14 +61,8 @@ def variants(q, k, v, do, out, lse, scale, causal, args):
                                                          block_keys=block, stages=stages, consumers=consumers)
 
     def one_pass(stages):
-        acc = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-
-        def kv_pass(lse_units, delta):
-            acc.zero_()
-            gluon_backward_one_pass(q, k, v, do, lse_units, delta, grads[1], grads[2], acc, scale, right, 0,
-                                 stages=stages)
-
-        return make(kv_pass, lambda lse_units, delta: torch.mul(acc, scale, out=grads[0]))
+        return lambda: op._one_pass_backward(do, q, k, v, out, lse, None, *grads, scale, spec, right, False,
+                                             stages=stages)
 
     result = {"triton": make(None, None), "gluon kv + triton q": make(kv(2), None)}
     for stages in args.one_pass:

@@ -369,16 +369,17 @@ def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Ten
 
 
 def _one_pass_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, scale, spec, right,
-                       bottom_right) -> None:
-    """The preprocess, then ``gluon_backward_one_pass`` (dK, dV, and dQ summed into an fp32 buffer), then dQ
-    scaled into ``dq``."""
+                       bottom_right, stages: int = 2) -> None:
+    """The preprocess, then ``gluon_backward_one_pass`` (dK, dV, and dQ summed into an fp32 buffer; ``stages``:
+    its ring depth), then dQ scaled into ``dq``."""
     from .gluon_bwd import gluon_backward_one_pass
 
     shift = _shift(query, key, bottom_right)
     dq_sum = torch.zeros(query.shape, device=query.device, dtype=torch.float32)
 
     def one_pass(lse_units, delta):
-        gluon_backward_one_pass(query, key, value, grad_out, lse_units, delta, dk, dv, dq_sum, scale, right, shift)
+        gluon_backward_one_pass(query, key, value, grad_out, lse_units, delta, dk, dv, dq_sum, scale, right, shift,
+                                stages=stages)
 
     def scale_dq(lse_units, delta):
         torch.mul(dq_sum, scale, out=dq)

@@ -42,14 +42,15 @@ def reference(q, k, v, scale, causal_right, shift):
 WIDE = (112, 80)
 
 
-CONFIG = re.compile(r"^(\d+)x(\d+)(w?)(?:c(\d))?(l?)(?:(p)([sd]?))?([tr]?)(?:g(\d+))?$")
+CONFIG = re.compile(r"^(\d+)x(\d+)(w?)(?:c(\d))?(l?)(o?)(?:(p)([sd]?))?([tr]?)(?:g(\d+))?$")
 
 
 def parse_config(cfg):
     """A config name -> keyword arguments of ``gluon_forward``.  "128x2": block_n 128, 2 stages, the register
     budget of the consumer count, 2 consumer warp groups, every other choice the launcher's default.  Suffixes, in
     this order: "w" the two-programs-per-SM budget; "c3" three consumer warp groups (192 query rows a program);
-    "l" the consumer loop that converts and sums P in the next iteration (``late=True``); "p" a persistent grid
+    "l" the consumer loop that converts and sums P in the next iteration (``late=True``); "o" the consumers issue
+    their MMAs in turns (``pingpong=True``; without it, ``pingpong=False``); "p" a persistent grid
     (``persistent=True``) on the launcher's default schedule (its programs claim tiles from a counter under a causal
     mask and at ``CLAIMING_HEAD_DIMS``, else take every SM-count-th one), "ps" / "pd" one that always takes every
     SM-count-th tile / always claims (``dynamic=False`` / ``True``); "t" / "r" O stored through shared memory and
@@ -59,11 +60,11 @@ def parse_config(cfg):
     match = CONFIG.match(cfg)
     if match is None:
         raise SystemExit(f"bad config {cfg!r}")
-    block_n, stages, wide, consumers, late, persistent, schedule, store, group = match.groups()
+    block_n, stages, wide, consumers, late, ordered, persistent, schedule, store, group = match.groups()
     consumers = int(consumers or 2)
     regs = WIDE if wide else REGISTERS[consumers]
     return dict(block_n=int(block_n), stages=int(stages), consumer_regs=regs[0], maxnreg=regs[1],
-                consumers=consumers, late=bool(late), persistent=bool(persistent),
+                consumers=consumers, late=bool(late), pingpong=bool(ordered), persistent=bool(persistent),
                 dynamic={"s": False, "d": True}.get(schedule), tma_store={"t": True, "r": False}.get(store),
                 group_heads=int(group) if group else None)
 
@@ -157,7 +158,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--configs", nargs="+", default=["128x2"],
-                   help="block_n x stages, e.g. 128x2, then optional suffixes (see parse_config): w, c3, l, p, "
+                   help="block_n x stages, e.g. 128x2, then optional suffixes (see parse_config): w, c3, l, o, p, "
                         "ps, pd, t, r, g<heads>, e.g. 128x2lp, 128x2c3pt or 128x2c3g1")
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 16384])

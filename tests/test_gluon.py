@@ -292,6 +292,36 @@ def test_gpu_gluon_forward_tma_store_matches_register_stores(shape, head_d, cons
     assert torch.equal(shifted, out_r.contiguous())
 
 
+@pytest.mark.parametrize("head_d,consumers,late", [(64, 3, False), (64, 2, False), (128, 2, True), (128, 2, False),
+                                                   (256, 2, True)])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}-{s[6]}-{s[7]}")
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_gluon_forward_pingpong_matches_free_issue(shape, head_d, consumers, late):
+    """Consumers that issue their MMAs in turns (``pingpong``) compute exactly what free-running ones do: the
+    turns only order the issues.  Bit-identical in every schedule, including those where the warp groups of a
+    tile stream different numbers of key blocks (a causal mask, rows past the last or below 0), which must still
+    take as many turns as the others or the ring of turns would stall."""
+    batch, heads, kv_heads, m, n, causal, bottom_right, layout = shape
+    q, k, v = make_qkv(batch, heads, kv_heads, m, n, head_d, head_d, torch.bfloat16, "cuda", layout)
+    scale = head_d ** -0.5
+    shift = n - m if (causal and bottom_right) else 0
+    for schedule in (dict(persistent=False), dict(persistent=True, programs=5, dynamic=False),
+                     dict(persistent=True, programs=5, dynamic=True)):
+        results = []
+        for pingpong in (False, True):
+            out = torch.full_like(q, float("nan"))
+            lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+            gluon_fwd.gluon_forward(q, k, v, out, lse, scale, 0 if causal else -1, shift, consumers=consumers,
+                                    late=late, pingpong=pingpong, **schedule)
+            results.append((out, lse))
+        (out_f, lse_f), (out_p, lse_p) = results
+        assert not out_f.isnan().any() and not lse_f.isnan().any()
+        assert torch.equal(out_p, out_f) and torch.equal(lse_p, lse_f), schedule
+    ref = attention_ref(q, k, v, scale, causal, bottom_right)
+    assert_within_budget("out", out_p, torch_math(q, k, v, scale, causal, bottom_right), ref, depth=n)
+
+
 BACKWARD_SHAPES = [
     # batch, heads, kv_heads, M, N, causal, layout
     (2, 4, 4, 256, 256, "none", "bhld"),

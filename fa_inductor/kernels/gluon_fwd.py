@@ -12,8 +12,9 @@ consumer warp group (two or three, ``CONSUMERS``):
 * the consumer partitions (one warp group each) run the online softmax of FLASHATTENTION.md.  Within a consumer,
   block j + 1's scores S = Q K^T and block j's P V are issued together as asynchronous MMAs, and the softmax of
   block j + 1 runs while P V is still on the tensor cores; only then is the output rescaled.  The consumers are
-  independent, so the warp schedulers fill one's softmax with the others' MMAs.  Under a causal mask each one
-  stops at the last key block its own rows see.  In the ``LATE`` form of the loop (non-causal calls at
+  independent, so the warp schedulers fill one's softmax with the others' MMAs; with ``PINGPONG`` (short causal
+  calls at head dim 64) they take turns to issue their MMAs, which keeps their softmaxes apart in time.  Under a
+  causal mask each one stops at the last key block its own rows see.  In the ``LATE`` form of the loop (non-causal calls at
   ``LATE_HEAD_DIMS``) the row sums, the bf16 copy of P and the rescaling of O move after the issue of the next
   S, so that a warp group has nothing left to do between P V's completion and its next MMAs: ptxas otherwise
   schedules that work after the wait for P V (seen in the SASS).  At ``TMA_STORE_HEAD_DIMS`` a consumer hands
@@ -52,7 +53,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .common import FP_FUSION, LOG2E, head_group, sm_count, tile_coords
 
 __all__ = ["BLOCK_N", "CLAIMING_HEAD_DIMS", "CONSUMERS", "HEAD_DIMS", "LATE_HEAD_DIMS", "PERSISTENT_MAX_KEYS",
-           "PERSISTENT_CAUSAL_HEAD_DIMS", "REGISTERS", "TMA_STORE_HEAD_DIMS", "tma_compatible", "gluon_forward"]
+           "PERSISTENT_CAUSAL_HEAD_DIMS", "PINGPONG_CAUSAL_MAX_KEYS", "REGISTERS", "TMA_STORE_HEAD_DIMS",
+           "tma_compatible", "gluon_forward"]
 
 HEAD_DIMS = (64, 128, 256)  # head dims the kernel is built and measured for (Q, K and V share it)
 # Key block per head dim: at 256, 128-key blocks spill registers; 64 keys with two stages fill shared memory.
@@ -104,6 +106,12 @@ REGISTERS = {2: (240, 168), 3: (160, 128)}
 # shapes (4k / 16k, causal or not); head dim 64 within +-1.3 % (benchmarks/reference, "tenth pass").  At 256 the
 # staging buffers do not fit next to the K / V ring (256 KB of shared memory against the H100's 227 KB).
 TMA_STORE_HEAD_DIMS = (128,)
+# Causal calls with at most this many keys (per head dim) whose consumers issue their MMAs in turns, one warp
+# group after another (``PINGPONG``), so that one's exponentials run while the next one's MMAs occupy the tensor
+# cores.  Head dim 64 (three consumers) on the H100, against free issue in the same schedule: 2k keys 4.5 % faster,
+# 4k 1.9-2.9 %, 8k flat, 16k 0.4-0.8 % slower; without a mask 0.6-1.9 % slower at 4k-16k; head dim 128 (two
+# consumers) -1 % to +2 % (benchmarks/reference, "fourteenth pass").
+PINGPONG_CAUSAL_MAX_KEYS = {64: 4096}
 
 
 @gluon.constexpr_function
@@ -149,6 +157,25 @@ def _issue_scores(q, k_bufs, k_ready, j, s_init, BLOCK_N: gl.constexpr, HEAD_D: 
 
 
 @gluon.jit
+def _take_turn(turns, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """With ``PINGPONG``, wait until it is this warp group's k-th turn to issue MMAs.  The turns go round the
+    consumers in order; warp group 0's first one needs no arrival (a fresh mbarrier counts as having completed
+    the phase before 0)."""
+    if PINGPONG:
+        if WG == 0:
+            mbarrier.wait(turns.index(0), (k & 1) ^ 1)
+        else:
+            mbarrier.wait(turns.index(WG), k & 1)
+
+
+@gluon.jit
+def _pass_turn(turns, WG: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
+    """Hand the turn to the next consumer warp group (``PINGPONG``)."""
+    if PINGPONG:
+        mbarrier.arrive(turns.index((WG + 1) % CONSUMERS), count=1)
+
+
+@gluon.jit
 def _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries, n_keys, shift, right,
               PROGRAM_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_RIGHT: gl.constexpr):
     """A forward tile: (bh, batch, head, first query row, key blocks streamed).  Keys [0, hi) are visible to
@@ -181,56 +208,60 @@ def _read_tile(tile_smem):
 
 
 @gluon.jit
-def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out, Lse,
-              o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
+def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, turns, Out,
+              Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys, n_m_blocks, n_bh,
               head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr,
-              LATE: gl.constexpr, PERSISTENT: gl.constexpr, DYNAMIC: gl.constexpr, TMA_STORE: gl.constexpr):
+              LATE: gl.constexpr, PERSISTENT: gl.constexpr, DYNAMIC: gl.constexpr, TMA_STORE: gl.constexpr,
+              PINGPONG: gl.constexpr):
     """One consumer warp group over the program's tiles: one, every n_programs-th (``PERSISTENT``), or those the
     producer claims (``DYNAMIC``: it hands each index over in ``tile_smem``, published by Q's mbarrier, and an
     index past the last tile ends the loop).  ``base`` counts the key blocks of the earlier tiles: the ring's
     stages and phases run on across tiles.  Each schedule has its own loop: the one-tile case run as a loop of
     one spills 128-156 bytes with three consumers (0-12 spelled out), and the SM-count-th schedule run as the
     claiming loop spills 32 bytes more at head dim 128, some of it in the key loop, and was 1.3 % slower (offline
-    sm90 compiles, Triton 3.6; H100)."""
+    sm90 compiles, Triton 3.6; H100).  With ``PINGPONG`` a tile takes n_iter + 1 turns of every warp group (see
+    ``_consumer_rows``), so ``base + t`` counts the turns of the earlier tiles."""
     base = n_tiles * 0
     t = n_tiles * 0
     if DYNAMIC:
         mbarrier.wait(q_bar, 0)
         tile = _read_tile(tile_smem)
         while tile < n_tiles:
-            base += _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                                   o_desc, o_bufs, tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob,
-                                   stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, base, HEAD_D,
-                                   BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, WG, LATE, TMA_STORE)
+            base += _consumer_tile(q_bufs, k_bufs, v_bufs, turns, q_empty, k_ready, k_empty, v_ready, v_empty, Out,
+                                   Lse, o_desc, o_bufs, tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob,
+                                   stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, base, base + t,
+                                   HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, WG, LATE, TMA_STORE, PINGPONG)
             t += 1
             mbarrier.wait(q_bar, t & 1)
             tile = _read_tile(tile_smem)
     elif PERSISTENT:
         for tile in range(gl.program_id(0), n_tiles, n_programs):
             mbarrier.wait(q_bar, t & 1)
-            base += _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                                   o_desc, o_bufs, tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob,
-                                   stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, base, HEAD_D,
-                                   BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, WG, LATE, TMA_STORE)
+            base += _consumer_tile(q_bufs, k_bufs, v_bufs, turns, q_empty, k_ready, k_empty, v_ready, v_empty, Out,
+                                   Lse, o_desc, o_bufs, tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob,
+                                   stride_oh, stride_om, n_queries, n_keys, shift, right, qk_scale, base, base + t,
+                                   HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, WG, LATE, TMA_STORE, PINGPONG)
             t += 1
     else:
         mbarrier.wait(q_bar, 0)
-        _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc,
+        _consumer_tile(q_bufs, k_bufs, v_bufs, turns, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc,
                        o_bufs, gl.program_id(0), n_heads, n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om,
-                       n_queries, n_keys, shift, right, qk_scale, base, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT,
-                       CONSUMERS, WG, LATE, TMA_STORE)
+                       n_queries, n_keys, shift, right, qk_scale, base, t, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT,
+                       CONSUMERS, WG, LATE, TMA_STORE, PINGPONG)
     if TMA_STORE:
         tma.store_wait(0)  # shared memory must outlive the last store's read of it
 
 
 @gluon.jit
-def _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc, o_bufs,
+def _consumer_tile(q_bufs, k_bufs, v_bufs, turns, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc, o_bufs,
                    tile, n_heads, n_m_blocks, n_bh, head_group, stride_ob, stride_oh, stride_om, n_queries, n_keys,
-                   shift, right, qk_scale, base, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr,
-                   TMA_STORE: gl.constexpr):
-    """A tile's rows of this warp group (its Q already landed); returns the key blocks the tile streamed."""
+                   shift, right, qk_scale, base, turn, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr,
+                   LATE: gl.constexpr, TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr):
+    """A tile's rows of this warp group (its Q already landed); returns the key blocks the tile streamed.  With
+    ``PINGPONG`` it takes n_iter + 1 turns from ``turn`` on: one per MMA issue of ``_consumer_rows`` (n_own + 1)
+    and one per block released unread, so that every warp group takes as many turns per tile."""
     bh, off_b, off_h, start_m, n_iter = _fwd_tile(tile, n_m_blocks, n_bh, head_group, n_heads, n_queries, n_keys,
                                                   shift, right, CONSUMERS * WG_M, BLOCK_N, HAS_RIGHT)
     row0 = start_m + WG * WG_M
@@ -246,11 +277,14 @@ def _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
         n_full = gl.minimum(n_keys, gl.maximum(row0 + shift + right + 1, 0)) // BLOCK_N
     if (row0 >= n_queries) | (row0 + WG_M <= 0):
         n_own = 1  # one block (its stores are masked off): no branch around the loop, which costs registers
-    _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc, o_bufs,
-                   off_b, off_h, bh, row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right,
-                   qk_scale, n_own, n_full, base, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, WG, LATE, TMA_STORE)
+    _consumer_rows(q_bufs, k_bufs, v_bufs, turns, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc,
+                   o_bufs, off_b, off_h, bh, row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right,
+                   qk_scale, n_own, n_full, base, turn, HEAD_D, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, WG, LATE,
+                   TMA_STORE, PINGPONG)
     # The key blocks past this warp group's rows: released unread.
     for j in range(n_own, n_iter):
+        _take_turn(turns, turn + j + 1, WG, PINGPONG)
+        _pass_turn(turns, WG, CONSUMERS, PINGPONG)
         stage = (base + j) % STAGES
         phase = ((base + j) // STAGES) & 1
         mbarrier.wait(k_ready.index(stage), phase)
@@ -261,11 +295,11 @@ def _consumer_tile(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
 
 
 @gluon.jit
-def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc, o_bufs,
-                   off_b, off_h, bh, row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right,
-                   qk_scale, n_own, n_full, base, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   HAS_RIGHT: gl.constexpr, WG: gl.constexpr, LATE: gl.constexpr = False,
-                   TMA_STORE: gl.constexpr = False):
+def _consumer_rows(q_bufs, k_bufs, v_bufs, turns, q_empty, k_ready, k_empty, v_ready, v_empty, Out, Lse, o_desc,
+                   o_bufs, off_b, off_h, bh, row0, stride_ob, stride_oh, stride_om, n_queries, n_keys, shift, right,
+                   qk_scale, n_own, n_full, base, turn, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, CONSUMERS: gl.constexpr, WG: gl.constexpr,
+                   LATE: gl.constexpr = False, TMA_STORE: gl.constexpr = False, PINGPONG: gl.constexpr = False):
     """The online softmax of one warp group's 64 rows over key blocks [0, n_own), then O and the LSE stored.
     Q's buffer is released (``q_empty``) once the last S = Q K^T is done, so that a persistent producer can load
     the next tile's Q while this one finishes."""
@@ -283,8 +317,12 @@ def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
     acc = gl.zeros([WG_M, HEAD_D], gl.float32, layout=o_layout)
     s_init = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
 
-    # Block 0's scores and probabilities.
+    # Block 0's scores and probabilities.  With ``PINGPONG`` each issue of MMAs (this one, one per loop iteration,
+    # the last P V) is a turn: the consumers issue in order, one after another, so that one's exponentials run
+    # while the next one's MMAs occupy the tensor cores.
+    _take_turn(turns, turn, WG, PINGPONG)
     stage_0, s_tok = _issue_scores(q, k_bufs, k_ready, base, s_init, BLOCK_N, HEAD_D, STAGES)
+    _pass_turn(turns, WG, CONSUMERS, PINGPONG)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     mbarrier.arrive(k_empty.index(stage_0), count=1)
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, rows, cols, n_keys, shift, right, qk_scale, n_full <= 0,
@@ -299,11 +337,13 @@ def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
         for i in range(0, n_own - 1):
             j = i + 1
             stage_i = (base + i) % STAGES
+            _take_turn(turns, turn + j, WG, PINGPONG)
             stage_j, s_tok = _issue_scores(q, k_bufs, k_ready, base + j, s_init, BLOCK_N, HEAD_D, STAGES)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p16 = gl.convert_layout(p.to(dtype), p_layout)
             mbarrier.wait(v_ready.index(stage_i), ((base + i) // STAGES) & 1)
             acc_tok = warpgroup_mma(p16, v_bufs.index(stage_i).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+            _pass_turn(turns, WG, CONSUMERS, PINGPONG)
             l_i = l_i * alpha + gl.sum(p, 1)
             s = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(stage_j), count=1)
@@ -320,9 +360,11 @@ def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
         for i in range(0, n_own - 1):
             j = i + 1
             stage_i = (base + i) % STAGES
+            _take_turn(turns, turn + j, WG, PINGPONG)
             stage_j, s_tok = _issue_scores(q, k_bufs, k_ready, base + j, s_init, BLOCK_N, HEAD_D, STAGES)
             mbarrier.wait(v_ready.index(stage_i), ((base + i) // STAGES) & 1)
             acc_tok = warpgroup_mma(p, v_bufs.index(stage_i).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+            _pass_turn(turns, WG, CONSUMERS, PINGPONG)
             # MMA groups retire in order: with one left in flight, block j's scores are done, P V may not be.
             s = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(stage_j), count=1)
@@ -338,8 +380,10 @@ def _consumer_rows(q_bufs, k_bufs, v_bufs, q_empty, k_ready, k_empty, v_ready, v
     mbarrier.arrive(q_empty, count=1)
     last = base + n_own - 1
     stage_l = last % STAGES
+    _take_turn(turns, turn + n_own, WG, PINGPONG)
     mbarrier.wait(v_ready.index(stage_l), (last // STAGES) & 1)
     acc_tok = warpgroup_mma(p, v_bufs.index(stage_l).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+    _pass_turn(turns, WG, CONSUMERS, PINGPONG)
     acc = warpgroup_mma_wait(0, deps=[acc_tok])
     mbarrier.arrive(v_empty.index(stage_l), count=1)
 
@@ -441,7 +485,7 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, o_desc, Sched, stride_ob
                       HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
                       CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2,
                       LATE: gl.constexpr = False, PERSISTENT: gl.constexpr = False, DYNAMIC: gl.constexpr = False,
-                      TMA_STORE: gl.constexpr = False):
+                      TMA_STORE: gl.constexpr = False, PINGPONG: gl.constexpr = False):
     """Tiles of ``CONSUMERS`` x 64 query rows of one (batch, head).  Program p takes tile p, then (when the grid
     is persistent) tiles p + n_programs, p + 2 n_programs, ..., or with ``DYNAMIC`` the next ones claimed from
     the zero-initialised int32 counter ``Sched`` (unused otherwise)."""
@@ -461,6 +505,13 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, o_desc, Sched, stride_ob
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    if PINGPONG:
+        # The consumers' turns to issue MMAs: warp group w waits on turns[w] and arrives on the next one's.
+        turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+        for wg in gl.static_range(CONSUMERS):
+            mbarrier.init(turns.index(wg), count=1)
+    else:
+        turns = k_ready  # unused
     mbarrier.init(q_bar, count=1)
     # Every consumer releases a buffer before it is refilled.
     mbarrier.init(q_empty, count=CONSUMERS)
@@ -475,32 +526,37 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, Out, Lse, o_desc, Sched, stride_ob
     # turns its constexprs into tensors.
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, turns,
+                         Out, Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
                          n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
-                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC, TMA_STORE,
+                         PINGPONG)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, turns,
+                         Out, Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
                          n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
-                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC, TMA_STORE,
+                         PINGPONG)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
                          v_empty, tile_smem, Sched, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group,
                          n_tiles, n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, DYNAMIC)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, turns,
+                         Out, Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
                          n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
-                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 0, LATE, PERSISTENT, DYNAMIC, TMA_STORE,
+                         PINGPONG)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, turns,
+                         Out, Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
                          n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
-                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, Out,
-                         Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 1, LATE, PERSISTENT, DYNAMIC, TMA_STORE,
+                         PINGPONG)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, tile_smem, turns,
+                         Out, Lse, o_desc, o_bufs, stride_ob, stride_oh, stride_om, n_heads, n_queries, n_keys,
                          n_m_blocks, n_bh, head_group, n_tiles, n_programs, shift, right, qk_scale, HEAD_D,
-                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 2, LATE, PERSISTENT, DYNAMIC, TMA_STORE)),
+                         BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, 2, LATE, PERSISTENT, DYNAMIC, TMA_STORE,
+                         PINGPONG)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready,
                          v_empty, tile_smem, Sched, n_heads, group, n_queries, n_keys, n_m_blocks, n_bh, head_group,
                          n_tiles, n_programs, shift, right, BLOCK_N, STAGES, HAS_RIGHT, CONSUMERS, DYNAMIC)),
@@ -538,7 +594,7 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
                   stages: int = 2, consumer_regs: int | None = None, maxnreg: int | None = None,
                   consumers: int | None = None, late: bool | None = None, persistent: bool | None = None,
                   group_heads: int | None = None, programs: int | None = None, dynamic: bool | None = None,
-                  tma_store: bool | None = None):
+                  tma_store: bool | None = None, pingpong: bool | None = None):
     """Launch the kernel.  q [B, H, M, D], k / v [B, HK, N, D] (16-bit, last dim contiguous, TMA-aligned);
     ``causal_right`` < 0: no causal mask, else key j is visible to row i iff j <= i + shift + causal_right.
     Needs M, N >= 1, ``tma_compatible`` q, k, v and a Hopper GPU; the caller checks.
@@ -553,7 +609,8 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     launch order rather than taking every SM-count-th one (default: under a causal mask, where tiles differ in
     length, and at ``CLAIMING_HEAD_DIMS``); ``group_heads``: heads whose tiles are interleaved (default
     ``common.head_group``); ``tma_store``: O leaves through shared memory and a TMA store (default: head dims in
-    ``TMA_STORE_HEAD_DIMS``; never when ``out`` is not ``tma_compatible``).
+    ``TMA_STORE_HEAD_DIMS``; never when ``out`` is not ``tma_compatible``); ``pingpong``: the consumers issue
+    their MMAs in turns (default: causal calls within ``PINGPONG_CAUSAL_MAX_KEYS``).
     ``consumer_regs`` / ``maxnreg``: registers per consumer thread and at launch (default ``REGISTERS`` of the
     consumer count, one program per SM; ``benchmarks/explore_gluon_fwd.py`` tries others)."""
     batch, heads, n_queries, head_d = q.shape
@@ -585,6 +642,8 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
     if tma_store is None:
         tma_store = head_d in TMA_STORE_HEAD_DIMS
     tma_store = tma_store and tma_compatible(out)
+    if pingpong is None:
+        pingpong = has_right and n_keys <= PINGPONG_CAUSAL_MAX_KEYS.get(head_d, 0)
     _gluon_fwd_kernel[(n_programs,)](
         _descriptor(q, ROWS_PER_CONSUMER), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
         _descriptor(out, ROWS_PER_CONSUMER) if tma_store else out, sched,
@@ -592,4 +651,4 @@ def gluon_forward(q, k, v, out, lse, scale: float, causal_right: int, shift: int
         batch * heads, group_heads, n_programs, shift if has_right else 0, causal_right if has_right else 0,
         scale * LOG2E, HEAD_D=head_d, BLOCK_N=block_n, STAGES=stages, HAS_RIGHT=has_right,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=24, CONSUMERS=consumers, LATE=late, PERSISTENT=n_programs < n_tiles,
-        DYNAMIC=dynamic, TMA_STORE=tma_store, num_warps=4, maxnreg=maxnreg, **FP_FUSION)
+        DYNAMIC=dynamic, TMA_STORE=tma_store, PINGPONG=pingpong, num_warps=4, maxnreg=maxnreg, **FP_FUSION)

@@ -65,6 +65,30 @@ def test_tma_store_staging_fits_shared_memory():
 
 
 @needs_gluon
+@pytest.mark.parametrize("head_d,causal,n_keys,pingpong", [
+    (64, True, 2048, True), (64, True, 4096, True), (64, True, 4104, False), (64, False, 2048, False),
+    (128, True, 2048, False), (256, True, 2048, False)])
+def test_forward_takes_turns_only_where_it_was_measured_faster(head_d, causal, n_keys, pingpong, monkeypatch):
+    """The launcher's default ``pingpong`` (consumers issuing MMAs in turns): causal calls within
+    ``PINGPONG_CAUSAL_MAX_KEYS`` only, the measured range (``benchmarks/reference``, "fourteenth pass").  The
+    launch is captured on the host, so this runs without a GPU."""
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(gluon_fwd, "_gluon_fwd_kernel", Kernel())
+    monkeypatch.setattr(gluon_fwd, "sm_count", lambda device: 132)
+    q = torch.empty(2, 8, 1024, head_d, dtype=torch.bfloat16)
+    k = torch.empty(2, 8, n_keys, head_d, dtype=torch.bfloat16)
+    gluon_fwd.gluon_forward(q, k, k, torch.empty_like(q), torch.empty(2, 8, 1024), 0.125, 0 if causal else -1,
+                            n_keys - 1024)
+    assert len(launches) == 1 and launches[0]["PINGPONG"] is pingpong
+    assert launches[0]["HAS_RIGHT"] is causal
+
+
+@needs_gluon
 def test_tma_compatible_layouts():
     x = torch.empty(2, 64, 4, 128, dtype=torch.bfloat16)
     assert gluon_fwd.tma_compatible(x.transpose(1, 2))  # [B, L, H, D] memory read as [B, H, L, D]

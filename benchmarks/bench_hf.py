@@ -80,9 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also run one step of each prefill/train row under torch.profiler and print its N most "
                         "expensive GPU kernels (total time per kernel name)")
-    p.add_argument("--one-pass-grouped", action="store_true",
-                   help="let attention with grouped query heads take the one-pass Hopper backward too "
-                        "(fa_inductor.kernels.op.ONE_PASS_GROUPED), for A/B runs on the model")
+    p.add_argument("--two-pass-grouped", action="store_true",
+                   help="keep attention with grouped query heads on the two-pass backward instead of the one-pass "
+                        "Hopper kernel (fa_inductor.kernels.op.ONE_PASS_GROUPED = False), for A/B runs on the model")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--stem", default="hf_llama")
     return p.parse_args(argv)
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fa_inductor.kernels import op
 
     saved = op.ONE_PASS_GROUPED
-    op.ONE_PASS_GROUPED = args.one_pass_grouped or saved
+    op.ONE_PASS_GROUPED = saved and not args.two_pass_grouped
     try:
         with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
             rows = collect(bench_rows(args))

@@ -166,10 +166,12 @@ def test_one_pass_backward_refuses_head_dims_it_is_not_built_for():
 
 
 @needs_gluon
+@pytest.mark.parametrize("grouped_one_pass", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
-def test_grouped_heads_route_the_head_dim_64_backward_by_mask(causal, monkeypatch):
-    """At head dim 64 the one-pass backward takes one key head per query head only: with grouped query heads a
-    causal call keeps Triton dK/dV + Gluon dQ and a call without a mask the Triton backward."""
+def test_grouped_heads_route_the_head_dim_64_backward(causal, grouped_one_pass, monkeypatch):
+    """At head dim 64 grouped query heads take the one-pass backward as well (``ONE_PASS_GROUPED``, the shipped
+    choice).  With that switched off they keep the two passes: a causal call Triton dK/dV + Gluon dQ, a call
+    without a mask the Triton backward."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from fa_inductor.kernels.masking import MaskSpec
 
@@ -179,9 +181,10 @@ def test_grouped_heads_route_the_head_dim_64_backward_by_mask(causal, monkeypatc
         q = torch.empty(1, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.empty(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     spec = MaskSpec(right=0 if causal else -1)
-    assert op_module.gluon_backward_applies(q, k, v, 0.125, spec) == causal
-    assert op_module._one_pass_shape(64, 8, 8) and not op_module._one_pass_shape(64, 8, 2)
-    assert not op_module._one_pass_shape(128, 8, 8)
+    monkeypatch.setattr(op_module, "ONE_PASS_GROUPED", grouped_one_pass)
+    assert op_module.gluon_backward_applies(q, k, v, 0.125, spec) == (causal or grouped_one_pass)
+    assert op_module._one_pass_shape(64, 8, 8) and op_module._one_pass_shape(64, 8, 2) == grouped_one_pass
+    assert not op_module._one_pass_shape(128, 8, 8) and not op_module._one_pass_shape(128, 8, 2)
 
 
 # --- GPU: numerics -----------------------------------------------------------------------------------------
@@ -375,7 +378,7 @@ def test_gpu_gluon_backward_matches_reference(shape, head_d, dtype):
     before_one_pass = _counters()["gluon_backward_one_pass"]
     run_case(*shape[:5], head_d, head_d, dtype, "cuda", shape[5], shape[6])
     gluon_forward = head_d in gluon_fwd.HEAD_DIMS
-    one_pass = head_d in op_module.ONE_PASS_HEAD_DIMS and shape[1] == shape[2]
+    one_pass = head_d in op_module.ONE_PASS_HEAD_DIMS and (shape[1] == shape[2] or op_module.ONE_PASS_GROUPED)
     gluon_backward = head_d in op_module.GLUON_BACKWARD_HEAD_DIMS or one_pass or (
         head_d in op_module.GLUON_DQ_CAUSAL_HEAD_DIMS and shape[5] != "none")
     assert (_counters()["gluon_forward"], _counters()["gluon_backward"]) == (before[0] + gluon_forward,

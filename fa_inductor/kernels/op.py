@@ -65,14 +65,15 @@ GLUON_BACKWARD_HEAD_DIMS = (128, 256)
 # 3-4 % faster than both Triton passes (README.md there, "Issue 7, third pass"); without one it was slower.
 GLUON_DQ_CAUSAL_HEAD_DIMS = (64,)
 GLUON_DQ_CAUSAL_BLOCK_KEYS = 128
-# Head dims whose backward, without grouped query heads, is one pass (``gluon_bwd.gluon_backward_one_pass``: dQ
-# added into fp32 by TMA reductions from the dK/dV program, 5 matrix products per tile pair instead of 7).  At
-# head dim 64 it took 0-12 % less time than the routes above on the H100; with grouped query heads (the Llama
-# shape) the model's training step was no faster, so ONE_PASS_GROUPED stays off (benchmarks/reference/README.md,
-# "Issue 7, thirteenth pass").  Its dQ sums in no fixed order, so calls made under
-# ``torch.use_deterministic_algorithms`` keep the two passes.
+# Head dims whose backward is one pass (``gluon_bwd.gluon_backward_one_pass``: dQ added into fp32 by TMA
+# reductions from the dK/dV program, 5 matrix products per tile pair instead of 7).  At head dim 64 it took 0-12 %
+# less time than the routes above on the H100 with one key head per query head (benchmarks/reference/README.md,
+# "Issue 7, thirteenth pass").  ``ONE_PASS_GROUPED``: grouped query heads take it too; in the Llama-3.2-1B-shaped
+# model at 16k tokens (32 query heads over 8) the training step took 359.6-362.8 ms against 364.1-365.2 ms with
+# the two passes, four interleaved runs each ("fourteenth pass").  Its dQ sums in no fixed order, so calls made
+# under ``torch.use_deterministic_algorithms`` keep the two passes.
 ONE_PASS_HEAD_DIMS = (64,)
-ONE_PASS_GROUPED = False
+ONE_PASS_GROUPED = True
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -324,8 +324,8 @@ def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Ten
                      grad_lse: Optional[Tensor], scale: float, right: int,
                      bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for a call ``gluon_backward_applies`` accepted, opaque for the same reason as the forward.
-    When ``_gluon_usable``: at ``ONE_PASS_HEAD_DIMS`` with one key head per query head (and no deterministic
-    algorithms asked for) the one-pass kernel runs; else the dK/dV and dQ passes run the Gluon kernels at
+    When ``_gluon_usable``: at ``ONE_PASS_HEAD_DIMS`` with one key head per query head, or grouped heads while
+    ``ONE_PASS_GROUPED`` (and no deterministic algorithms asked for), the one-pass kernel runs; else the dK/dV and dQ passes run the Gluon kernels at
     ``GLUON_BACKWARD_HEAD_DIMS``, and at ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal mask the dK/dV pass stays
     the Triton kernel (the preprocess always is); else the whole Triton backward runs.  counters["fa_inductor"]
     records which ("gluon_backward", with "gluon_backward_one_pass" for the first, / "gluon_backward_fallback")."""

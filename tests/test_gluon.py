@@ -568,6 +568,21 @@ def test_gpu_gluon_one_pass_backward(shape, stages, extreme):
     _assert_gradients_within_budget(grads, q, k, v, grad, scale, is_causal, bottom_right)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("window", [(-1, 40), (-1, 0)], ids=["right_40", "right_0"])
+@pytest.mark.gpu
+@on_hopper
+def test_gpu_one_pass_backward_under_right_bounded_windows(heads, kv_heads, window):
+    """A window bounded on the right only (key j visible to row i iff j <= i + right) is a Hopper call; at head
+    dim 64 its backward is the one pass, with one key head per query head and with grouped ones
+    (``ONE_PASS_GROUPED``).  Output, LSE and gradients within the fp64-referenced budget (``run_masked``)."""
+    from test_masks import run_masked
+
+    before = _counters()["gluon_backward_one_pass"]
+    run_masked("cuda", torch.bfloat16, 2, heads, kv_heads, 300, 333, 64, window=window)
+    assert _counters()["gluon_backward_one_pass"] == before + 1
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.gpu
 @on_hopper

@@ -110,7 +110,7 @@ TMA_STORE_HEAD_DIMS = (128,)
 # group after another (``PINGPONG``), so that one's exponentials run while the next one's MMAs occupy the tensor
 # cores.  Head dim 64 (three consumers) on the H100, against free issue in the same schedule: 2k keys 4.5 % faster,
 # 4k 1.9-2.9 %, 8k flat, 16k 0.4-0.8 % slower; without a mask 0.1-1.9 % slower at 4k-16k; head dim 128 (two
-# consumers) -1 % to +2 % (benchmarks/reference, "fourteenth pass").
+# consumers) -2 % to +2.4 % (benchmarks/reference, "fourteenth pass").
 PINGPONG_CAUSAL_MAX_KEYS = {64: 4096}
 
 

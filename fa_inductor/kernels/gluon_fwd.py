@@ -14,11 +14,11 @@ consumer warp group (two or three, ``CONSUMERS``):
   block j + 1 runs while P V is still on the tensor cores; only then is the output rescaled.  The consumers are
   independent, so the warp schedulers fill one's softmax with the others' MMAs; with ``PINGPONG`` (short causal
   calls at head dim 64) they take turns to issue their MMAs, which keeps their softmaxes apart in time.  Under a
-  causal mask each one stops at the last key block its own rows see.  In the ``LATE`` form of the loop (non-causal calls at
-  ``LATE_HEAD_DIMS``) the row sums, the bf16 copy of P and the rescaling of O move after the issue of the next
-  S, so that a warp group has nothing left to do between P V's completion and its next MMAs: ptxas otherwise
-  schedules that work after the wait for P V (seen in the SASS).  At ``TMA_STORE_HEAD_DIMS`` a consumer hands
-  its finished O tile to a TMA store through shared memory and goes on to its next tile.
+  causal mask each one stops at the last key block its own rows see.  In the ``LATE`` form of the loop (non-causal
+  calls at ``LATE_HEAD_DIMS``) the row sums, the bf16 copy of P and the rescaling of O move after the issue of the
+  next S, so that a warp group has nothing left to do between P V's completion and its next MMAs: ptxas otherwise
+  schedules that work after the wait for P V (seen in the SASS).  At ``TMA_STORE_HEAD_DIMS`` a consumer hands its
+  finished O tile to a TMA store through shared memory and goes on to its next tile.
 
 Tiles are scheduled in one of three ways.  With a program per tile the hardware hands tiles out in launch
 order: under a causal mask longest first, over groups of heads (``common.tile_coords`` / ``head_group``), with

@@ -323,12 +323,13 @@ def _shift(query: Tensor, key: Tensor, bottom_right: bool) -> int:
 def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                      grad_lse: Optional[Tensor], scale: float, right: int,
                      bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for a call ``gluon_backward_applies`` accepted, opaque for the same reason as the forward.
-    When ``_gluon_usable``: at ``ONE_PASS_HEAD_DIMS`` with one key head per query head, or grouped heads while
-    ``ONE_PASS_GROUPED`` (and no deterministic algorithms asked for), the one-pass kernel runs; else the dK/dV and dQ passes run the Gluon kernels at
-    ``GLUON_BACKWARD_HEAD_DIMS``, and at ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal mask the dK/dV pass stays
-    the Triton kernel (the preprocess always is); else the whole Triton backward runs.  counters["fa_inductor"]
-    records which ("gluon_backward", with "gluon_backward_one_pass" for the first, / "gluon_backward_fallback")."""
+    """(dq, dk, dv) for a call ``gluon_backward_applies`` accepted, opaque for the same reason as the forward. When
+    ``_gluon_usable``: at ``ONE_PASS_HEAD_DIMS`` with one key head per query head, or grouped heads while
+    ``ONE_PASS_GROUPED`` (and no deterministic algorithms asked for), the one-pass kernel runs; else the dK/dV and dQ
+    passes run the Gluon kernels at ``GLUON_BACKWARD_HEAD_DIMS``, and at ``GLUON_DQ_CAUSAL_HEAD_DIMS`` with a causal
+    mask the dK/dV pass stays the Triton kernel (the preprocess always is); else the whole Triton backward runs.
+    counters["fa_inductor"] records which ("gluon_backward", with "gluon_backward_one_pass" for the first, /
+    "gluon_backward_fallback")."""
     spec = MaskSpec(right=right, bottom_right=bottom_right)
     dq, dk, dv, _ = _empty_grads(query, key, value, None, False)
     usable = _gluon_usable(query, key, value, grad_out) and dk.stride(3) == 1 and dv.stride(3) == 1

@@ -227,6 +227,7 @@ def test_gpu_grid_beyond_65535_heads():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_memory
 @requires_cuda
 @pytest.mark.parametrize("is_causal", [True, False])
 def test_gpu_int64_offsets(is_causal):

@@ -21,7 +21,10 @@ clocks does not land on one implementation only. Results go to ``<out-dir>/<stem
 in the JSON under ``compare``).  ``--graph`` also times each forward (fwd mode) captured in a CUDA graph and
 replayed (``graph_ms``): the GPU's time alone, for shapes whose eager calls the host may time (an eager
 fa_inductor forward costs the host 0.2-0.6 ms, SDPA's about 0.03 ms); its ratios go to
-``<stem>_graph_compare.md`` and to the JSON under ``graph_compare``.
+``<stem>_graph_compare.md`` and to the JSON under ``graph_compare``.  ``--clocks`` samples the GPU's SM
+clock and power with ``nvidia-smi`` during the run and gives each row the median clock and mean power of its
+timings (``mhz``, ``watts``; per round ``round_mhz``, ``round_watts``): an H100 at its power cap slows every
+kernel by lowering its clock, which this tells apart from a slower kernel.
 
 ``bench_masks.py`` builds on this script's pieces (inputs, timed steps, SDPA/Flex callers, comparisons,
 command-line options) for causal, sliding-window, key-padding and block-sparse attention.
@@ -35,6 +38,7 @@ import importlib.util
 import itertools
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -48,6 +52,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness import (
+    ClockLog,
     PlotSpec,
     Skipped,
     attention_flops,
@@ -236,7 +241,9 @@ def run_mode(attention: AttentionFn, inputs: Sequence[Tensor], mode: str, args: 
     With ``args.graph`` (``--graph``) a forward is also timed as a CUDA graph replay (``graph_ms``)."""
     step = _mode_step(attention, inputs, mode)
     step()  # compile and autotune outside the timed region
+    start = time.time()
     timing = time_ms(step, warmup=args.warmup, rep=args.rep, device=args.device)
+    timing["span"] = (start, time.time())  # when it was timed, for --clocks
     _clear_grads(inputs)
     graph = None
     if getattr(args, "graph", False) and mode == "fwd":
@@ -261,6 +268,7 @@ def _row(impl: str, shape: Shape, mode: str, result: dict | None, error: str | N
         "graph_tflops": tflops(shape.flops(mode), result.get("graph_ms")),
         "peak_mib": result.get("peak_mib"),
         "error": error,
+        "spans": [result["span"]] if "span" in result else [],
     }
 
 
@@ -324,7 +332,21 @@ def _interleaved_rows(shape: Shape, inputs: Sequence[Tensor], args: argparse.Nam
             graphs = [r["graph_ms"] for r in done if r.get("graph_ms") is not None]
             combined["graph_ms"] = statistics.median(graphs) if graphs else None
             combined["peak_mib"] = done[0]["peak_mib"]
-            yield {**_row(impl, shape, mode, combined, None), "round_ms": [r["ms"] for r in done]}
+            yield {**_row(impl, shape, mode, combined, None), "round_ms": [r["ms"] for r in done],
+                   "spans": [r["span"] for r in done]}
+
+
+def add_clocks(rows: Sequence[dict], clocks: ClockLog) -> None:
+    """Give each timed row the GPU's median SM clock and mean power while it was timed (``round_mhz`` /
+    ``round_watts`` per round, ``mhz`` / ``watts`` their medians), from ``clocks``' samples."""
+    for row in rows:
+        during = [clocks.during(*span) for span in row.get("spans", [])]
+        if not during or None in during:
+            continue
+        row["round_mhz"] = [d["mhz"] for d in during]
+        row["round_watts"] = [round(d["watts"], 1) for d in during]
+        row["mhz"] = statistics.median(row["round_mhz"])
+        row["watts"] = statistics.median(row["round_watts"])
 
 
 def bench_rows(args: argparse.Namespace) -> Iterator[dict]:
@@ -476,6 +498,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="time every implementation of a shape this many times, interleaved, and report medians")
     p.add_argument("--graph", action="store_true",
                    help="also time each forward as a CUDA graph replay (the GPU's time without the host's)")
+    p.add_argument("--clocks", action="store_true",
+                   help="sample the GPU's SM clock and power (nvidia-smi) and give each row those of its timing")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -486,13 +510,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     warn_if_missing(args.impls)
-    with benchmark_context():
+    with benchmark_context(), ClockLog(enabled=args.clocks) as clocks:
         rows = collect(bench_rows(args))
+    add_clocks(rows, clocks)
     compared = compare_rows(rows)
     graph_compared = compare_rows(rows, value="graph_tflops") if args.graph else []
     extra = {"args": args_record(args), "compare": compared, "graph_compare": graph_compared}
     title = "Attention: " + ", ".join(args.impls)
-    write_results(rows, args.out_dir, args.stem, title, PlotSpec(), table_columns=TABLE_COLUMNS, extra=extra)
+    columns = TABLE_COLUMNS + (("mhz", "watts") if clocks.samples else ())
+    write_results(rows, args.out_dir, args.stem, title, PlotSpec(), table_columns=columns, extra=extra)
     if args.compare:
         write_compare(compared, args.out_dir, args.stem)
         if graph_compared:

@@ -27,9 +27,14 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import platform
+import shutil
 import signal
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -41,6 +46,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "ClockLog",
     "PlotSpec",
     "Skipped",
     "attention_flops",
@@ -188,6 +194,63 @@ def graph_time_ms(
     with torch.cuda.graph(graph):
         fn()
     return time_ms(graph.replay, warmup=warmup, rep=rep, device=device)
+
+
+class ClockLog:
+    """The GPU's SM clock and board power, sampled in the background by ``nvidia-smi`` (every ``period_ms``)
+    while the ``with`` block runs; ``during(start, end)`` summarises the samples taken between two
+    ``time.time()`` readings.  An H100 held at its power cap lowers its clock, and a measurement taken then runs
+    slower for every kernel alike: the log tells such a measurement from a slower kernel.  Without
+    ``nvidia-smi`` (or with ``enabled`` False) nothing is sampled and ``during`` answers None."""
+
+    FIELDS = "timestamp,clocks.sm,power.draw"
+
+    def __init__(self, enabled: bool = True, device_index: int = 0, period_ms: int = 50) -> None:
+        self.enabled = enabled and shutil.which("nvidia-smi") is not None
+        self.device_index = device_index
+        self.period_ms = period_ms
+        self.samples: list[tuple[float, float, float]] = []
+        self._process: subprocess.Popen | None = None
+        self._path: str | None = None
+
+    def __enter__(self) -> ClockLog:
+        if self.enabled:
+            fd, self._path = tempfile.mkstemp(prefix="clocks_", suffix=".csv")
+            os.close(fd)
+            self._process = subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits",
+                 f"-lms={self.period_ms}", f"-i={self.device_index}", f"-f={self._path}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        if self._path is not None:
+            with open(self._path) as f:
+                self.samples = [s for s in map(self._parse, f) if s is not None]
+            os.unlink(self._path)
+
+    @staticmethod
+    def _parse(line: str) -> tuple[float, float, float] | None:
+        """(seconds since the epoch, MHz, W) of one CSV line; None for a line cut short or unreadable.
+        nvidia-smi writes local time, which ``datetime.timestamp`` reads as such."""
+        try:
+            stamp, mhz, watts = (part.strip() for part in line.split(","))
+            return datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp(), float(mhz), float(watts)
+        except ValueError:
+            return None
+
+    def during(self, start: float, end: float) -> dict[str, float] | None:
+        """Median SM clock (MHz) and mean power (W) of the samples in [start, end]; None without any."""
+        inside = [(mhz, watts) for t, mhz, watts in self.samples if start <= t <= end]
+        if not inside:
+            return None
+        return {"mhz": statistics.median(m for m, _ in inside), "watts": statistics.fmean(w for _, w in inside)}
 
 
 def peak_memory_mib(fn: Callable[[], Any], device: str | torch.device | None = None) -> float | None:

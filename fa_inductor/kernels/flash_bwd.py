@@ -31,7 +31,7 @@ from .masking import kernel_arguments, sparse_masked
 from .rng import philox_keep
 from .tile import bounded_key_range, key_range, query_range, score_tile, sequence_bounds
 
-__all__ = ["flash_backward"]
+__all__ = ["flash_backward", "scale_rows"]
 
 
 @triton.jit
@@ -67,6 +67,41 @@ def _bwd_preprocess_kernel(
     tl.store(LseUnits + row, lse, mask=offs_m < n_queries)
     if NATURAL:
         tl.store(LseUnits + lo_offset + row, tl.zeros_like(lse), mask=offs_m < n_queries)
+
+
+@triton.jit
+def _scale_rows_kernel(Src, Dst, scale, stride_db, stride_dh, stride_dm, n_heads, n_rows, n_row_blocks,
+                       HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Dst[b, h, rows] = (scale * Src[b, h, rows]) in Dst's dtype, for one block of rows: Src is a contiguous fp32
+    [B, H, M, HEAD_D] buffer, Dst any [B, H, M, HEAD_D] tensor with a unit-stride last dim."""
+    pid = tl.program_id(0)
+    bh = pid // n_row_blocks
+    offs_m = (pid % n_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    inside = offs_m[:, None] < n_rows
+    src = Src + (bh.to(tl.int64) * n_rows + offs_m[:, None]) * HEAD_D + offs_d[None, :]
+    dst = (Dst + (bh // n_heads).to(tl.int64) * stride_db + (bh % n_heads).to(tl.int64) * stride_dh
+           + offs_m[:, None].to(tl.int64) * stride_dm + offs_d[None, :])
+    tl.store(dst, (tl.load(src, mask=inside) * scale).to(Dst.dtype.element_ty), mask=inside)
+
+
+def scale_rows(src: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
+    """``dst.copy_(src * scale)`` for a contiguous fp32 ``src`` [B, H, M, D] (D a power of two) and a ``dst`` of
+    its shape with a unit-stride last dim, in one pass that reads ``src`` in order and writes whole rows of
+    ``dst``.  The one-pass backward's dQ leaves its fp32 sum this way: ``torch.mul(src, scale, out=dst)`` into a
+    16-bit ``dst`` laid out [B, M, H, D] takes twice as long on an H100."""
+    batch, heads, n_rows, head_d = src.shape
+    if not (src.is_contiguous() and src.dtype == torch.float32 and dst.shape == src.shape and dst.stride(3) == 1
+            and head_d & (head_d - 1) == 0):
+        raise ValueError("scale_rows needs a contiguous fp32 source, a destination of its shape with unit-stride "
+                         f"rows and a power-of-two head dim; got {src.dtype} {tuple(src.shape)} "
+                         f"{src.stride()} -> {tuple(dst.shape)} {dst.stride()}")
+    block_m = max(1, 4096 // head_d)
+    n_row_blocks = triton.cdiv(n_rows, block_m)
+    if batch * heads * n_row_blocks == 0:
+        return
+    launch(_scale_rows_kernel, (batch * heads * n_row_blocks,), src, dst, scale, dst.stride(0), dst.stride(1),
+           dst.stride(2), heads, n_rows, n_row_blocks, HEAD_D=head_d, BLOCK_M=block_m, num_warps=4)
 
 
 @triton.jit

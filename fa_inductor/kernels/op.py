@@ -47,7 +47,7 @@ from . import autotune
 from .arch import current_arch, device_capability
 from .configs import INTERPRETER_CONFIG, Direction
 from . import flash_decode
-from .flash_bwd import _bwd_kv_kernel, flash_backward
+from .flash_bwd import _bwd_kv_kernel, flash_backward, scale_rows
 from .flash_fwd import _flash_fwd_kernel, flash_forward
 from .masking import SPARSE_BLOCK, MaskSpec, window_extents
 
@@ -373,7 +373,7 @@ def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Ten
 def _one_pass_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, scale, spec, right,
                        bottom_right, stages: int = 2) -> None:
     """The preprocess, then ``gluon_backward_one_pass`` (dK, dV, and dQ summed into an fp32 buffer; ``stages``:
-    its ring depth), then dQ scaled into ``dq``."""
+    its ring depth), then dQ scaled into ``dq`` (``scale_rows``)."""
     from .gluon_bwd import gluon_backward_one_pass
 
     shift = _shift(query, key, bottom_right)
@@ -384,7 +384,7 @@ def _one_pass_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, 
                                 stages=stages)
 
     def scale_dq(lse_units, delta):
-        torch.mul(dq_sum, scale, out=dq)
+        scale_rows(dq_sum, dq, scale)
 
     # The passes replaced read no Triton config (any will do).
     flash_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, None, scale, spec,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from fa_inductor.kernels import common, op
+from fa_inductor.kernels import common, gluon_bwd, op
 from fa_inductor.kernels.common import dot_options
 from fa_inductor.kernels.configs import Direction
 from fa_inductor.kernels.flash_bwd import flash_backward
@@ -38,6 +38,19 @@ def one_head_at_a_time(fn):
             fn()
         finally:
             common.MAX_HEAD_GROUP = saved
+    return run
+
+
+def private_dq(fn):
+    """``fn`` with the one-pass consumers each adding both dQ column halves over their own keys under a causal mask
+    too (``gluon_bwd.ONE_PASS_SHARED_DQ_CAUSAL`` off): the kernel before the consumers shared their dS^T tiles."""
+    def run():
+        saved = gluon_bwd.ONE_PASS_SHARED_DQ_CAUSAL
+        gluon_bwd.ONE_PASS_SHARED_DQ_CAUSAL = False
+        try:
+            fn()
+        finally:
+            gluon_bwd.ONE_PASS_SHARED_DQ_CAUSAL = saved
     return run
 
 
@@ -61,12 +74,17 @@ def variants(q, k, v, do, out, lse, scale, causal, args):
                                                          block_keys=block, stages=stages, consumers=consumers)
 
     def one_pass(stages):
-        return lambda: op._one_pass_backward(do, q, k, v, out, lse, None, *grads, scale, spec, right, False,
-                                             stages=stages)
+        def run():
+            # As the op calls it: its small Triton kernels launch directly, not through wrap_triton.
+            with common.direct_launches():
+                op._one_pass_backward(do, q, k, v, out, lse, None, *grads, scale, spec, right, False, stages=stages)
+        return run
 
     result = {"triton": make(None, None), "gluon kv + triton q": make(kv(2), None)}
     for stages in args.one_pass:
         result[f"one-pass s{stages}"] = one_pass(stages)
+        if args.one_pass_private:
+            result[f"one-pass s{stages} private"] = private_dq(one_pass(stages))
     for stages in args.stages:
         for block in args.dq_blocks:
             result[f"gluon kv s{stages} + q{block} s{stages}"] = make(kv(stages), qp(block, stages))
@@ -95,6 +113,8 @@ def main():
                    help="time only these variants (names as printed) and the Triton path, the gradients' reference")
     p.add_argument("--one-pass", nargs="*", type=int, default=[],
                    help="also time the one-pass backward (dQ by TMA reductions) with these ring depths")
+    p.add_argument("--one-pass-private", action="store_true",
+                   help="also time each one-pass variant with private dQ halves per consumer (suffix private)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     args = p.parse_args()
     for d in args.head_dims:

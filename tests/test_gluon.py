@@ -166,6 +166,33 @@ def test_one_pass_backward_refuses_head_dims_it_is_not_built_for():
 
 
 @needs_gluon
+@pytest.mark.parametrize("right,shared", [(-1, False), (0, True), (40, True)])
+def test_one_pass_consumers_share_ds_only_under_a_causal_mask(right, shared, monkeypatch):
+    """The one-pass launcher's default ``shared_dq``: the consumers share their dS^T tiles (one dQ reduction per
+    query tile and program) under a causal or right-bounded mask only, where it measured faster
+    (``benchmarks/reference``, "fifteenth pass").  The launch is captured on the host, so this runs without a
+    GPU."""
+    from fa_inductor.kernels import gluon_bwd
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(gluon_bwd, "_gluon_bwd_one_pass_kernel", Kernel())
+    q = torch.empty(1, 4, 256, 64, dtype=torch.bfloat16)
+    k = torch.empty(1, 2, 256, 64, dtype=torch.bfloat16)
+    stats = torch.empty(1, 4, 256)
+    gluon_bwd.gluon_backward_one_pass(q, k, k, q, stats, stats, k, k, q.float(), 0.125, right, 0)
+    assert len(launches) == 1 and launches[0]["SHARED_DQ"] is shared
+    assert launches[0]["HAS_RIGHT"] is (right >= 0)
+    monkeypatch.setattr(gluon_bwd, "ONE_PASS_SHARED_DQ_CAUSAL", False)
+    gluon_bwd.gluon_backward_one_pass(q, k, k, q, stats, stats, k, k, q.float(), 0.125, right, 0)
+    assert launches[1]["SHARED_DQ"] is False
+
+
+@needs_gluon
 @pytest.mark.parametrize("grouped_one_pass", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
 def test_grouped_heads_route_the_head_dim_64_backward(causal, grouped_one_pass, monkeypatch):
@@ -540,13 +567,15 @@ def test_gpu_opcheck_hopper_ops(head_d):
                          ids=lambda s: "x".join(map(str, s[:5])) + f"-{s[5]}")
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("extreme", [False, True], ids=["randn", "extreme"])
+@pytest.mark.parametrize("shared_dq", [True, False], ids=["shared_ds", "private_ds"])
 @pytest.mark.gpu
 @on_hopper
-def test_gpu_gluon_one_pass_backward(shape, stages, extreme):
+def test_gpu_gluon_one_pass_backward(shape, stages, extreme, shared_dq):
     """The one-pass kernel (dK/dV and dQ by TMA reductions into fp32) at head dim 64: gradients within budget of
     fp64 on GQA shapes with query and key tails, causal masks of both alignments and keys no query sees.
     ``extreme``: every score near -200 (nats), so the zero-filled keys past N would give exp2(-LSE) = inf
-    (and NaN in dQ) without the key mask."""
+    (and NaN in dQ) without the key mask.  ``shared_dq``: both ways of computing dQ, with and without a mask
+    (the op shares dS^T between the consumers under a causal mask only)."""
     from fa_inductor.kernels.masking import MaskSpec
 
     batch, heads, kv_heads, m, n, causal = shape
@@ -564,7 +593,7 @@ def test_gpu_gluon_one_pass_backward(shape, stages, extreme):
     spec = MaskSpec(right=right, bottom_right=bottom_right)
     # What the Hopper op runs (preprocess, the kernel into a zeroed fp32 buffer, dQ scaled), at this ring depth.
     op_module._one_pass_backward(grad, q, k, v, out, lse, None, *grads, scale, spec, right, bottom_right,
-                                 stages=stages)
+                                 stages=stages, shared_dq=shared_dq)
     _assert_gradients_within_budget(grads, q, k, v, grad, scale, is_causal, bottom_right)
 
 

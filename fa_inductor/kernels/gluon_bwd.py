@@ -29,8 +29,11 @@ One pass (``gluon_backward_one_pass``, head dims in ``ONE_PASS_HEAD_DIMS``): the
 computes each query tile's dQ contribution dS K, with dS^T stored to shared memory and read transposed by two
 [64, 32]-column MMAs (K is loaded a second time in 32-column halves for them), and adds it into a zeroed fp32
 buffer through a staging tile and TMA bulk reductions.  The reductions of one tile are issued while the next tile's
-S^T and dP^T are on the tensor cores.  The producer also loads each tile's LSE and Delta and stores them into the
-ring stage, whose "ready" mbarrier then takes two arrivals (the TMA bytes, the producer's stores).
+S^T and dP^T are on the tensor cores.  Under a causal mask (``ONE_PASS_SHARED_DQ_CAUSAL``) the two consumers share
+their dS^T tiles instead: each computes one 32-column half of the tile's dQ over all 128 keys of the program, so a
+program reduces one dQ tile per query tile rather than two.  The producer also loads each tile's LSE and Delta
+and stores them into the ring stage, whose "ready" mbarrier then takes two arrivals (the TMA bytes, the
+producer's stores).
 
 Query rows past M arrive zero-filled (TMA) and carry LSE = +inf, so they add exactly nothing; key tails and the
 blocks that cross the causal diagonal are the only ones that pay for mask arithmetic.  ``op.py``'s Hopper
@@ -549,14 +552,20 @@ ONE_PASS_AVAILABLE = _one_pass_available()
 ONE_PASS_HEAD_DIMS = (64,)  # the kernel holds a tile's dQ as two [64, 32] halves
 DQ_SPLIT = 32  # dQ columns per TMA reduction box (128 bytes of fp32: one 128-byte swizzle row)
 DQ_N = gl.constexpr(DQ_SPLIT)
+# Under a causal (right-bounded) mask the two consumers share their dS^T tiles: each then computes one 32-column
+# half of the tile's dQ over all 128 keys of the program (two MMAs with K = 64 keys each), so a program adds one
+# [64, 64] tile into the buffer per query tile instead of one per consumer, at the price of an mbarrier the two
+# consumers meet at every tile.  Measured on an H100 (benchmarks/reference/README.md, fifteenth pass): 3.4-3.9 %
+# faster at 16k keys with a causal mask, 2-3 % slower without one, so calls without a mask keep private halves.
+ONE_PASS_SHARED_DQ_CAUSAL = True
 
 
 @gluon.jit
-def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar, ready,
-                       empty, LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, key0, stride_dkb, stride_dkh,
+def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, ds_ready, kv_bar,
+                       ready, empty, LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, key0, stride_dkb, stride_dkh,
                        stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries, n_keys, shift,
                        right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D: gl.constexpr,
-                       STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                       STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr, SHARED_DQ: gl.constexpr):
     s_layout: gl.constexpr = _mma_layout(TILE_M)
     acc_layout: gl.constexpr = _mma_layout(HEAD_D)
     dq_layout: gl.constexpr = _mma_layout(DQ_N)
@@ -568,9 +577,15 @@ def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_b
     cols = gl.arange(0, TILE_M, layout=gl.SliceLayout(0, s_layout))
     k = k_bufs.index(WG).reshape([WG_N, HEAD_D])
     v = v_bufs.index(WG).reshape([WG_N, HEAD_D])
-    kd0 = kd_bufs.index(WG * SPLITS).reshape([WG_N, DQ_N])
-    kd1 = kd_bufs.index(WG * SPLITS + 1).reshape([WG_N, DQ_N])
-    ds_smem = ds_bufs.index(WG)
+    if SHARED_DQ:
+        # This consumer's half of dQ's columns, against the program's first and second 64 keys.
+        gl.static_assert(SPLITS == 2, "one dQ column half per consumer")
+        kd0 = kd_bufs.index(WG).reshape([WG_N, DQ_N])
+        kd1 = kd_bufs.index(SPLITS + WG).reshape([WG_N, DQ_N])
+    else:
+        # Both halves of dQ's columns, against this consumer's 64 keys.
+        kd0 = kd_bufs.index(WG * SPLITS).reshape([WG_N, DQ_N])
+        kd1 = kd_bufs.index(WG * SPLITS + 1).reshape([WG_N, DQ_N])
     s_init = gl.zeros([WG_N, TILE_M], gl.float32, layout=s_layout)
     dq_init = gl.zeros([TILE_M, DQ_N], gl.float32, layout=dq_layout)
     dk = gl.zeros([WG_N, HEAD_D], gl.float32, layout=acc_layout)
@@ -594,7 +609,7 @@ def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_b
         dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_init, use_acc=False, is_async=True)
         # The previous tile's dQ leaves while this tile's S^T and dP^T are on the tensor cores.
         if it > 0:
-            _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, prev_h, prev_row0, WG)
+            _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, prev_h, prev_row0, WG, SHARED_DQ)
         st = warpgroup_mma_wait(1, deps=[st_tok])
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         if (row0 < full_lo) | key_tail:
@@ -609,16 +624,31 @@ def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_b
         dst16 = gl.convert_layout(ds, a_layout)
         dk_tok = warpgroup_mma(dst16, q, dk, is_async=True)
         # dS for dQ = dS K goes through shared memory (the MMA reads it transposed).
-        ds_smem.store(ds)
-        fence_async_shared()
-        _partition_barrier()
-        dq_tok0 = warpgroup_mma(ds_smem.permute((1, 0)), kd0, dq_init, use_acc=False, is_async=True)
-        dq_tok1 = warpgroup_mma(ds_smem.permute((1, 0)), kd1, dq_init, use_acc=False, is_async=True)
-        dv, dk, dq0, dq1, pt16, dst16 = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok0, dq_tok1, pt16, dst16])
+        if SHARED_DQ:
+            # Two slots: a consumer writes slot it % 2 again only after the other has passed iteration it + 1's
+            # mbarrier, i.e. finished iteration it's products, which read it.
+            slot = it % 2
+            ds_bufs.index(2 * slot + WG).store(ds)
+            fence_async_shared()
+            mbarrier.arrive(ds_ready.index(slot), count=1)
+            mbarrier.wait(ds_ready.index(slot), (it // 2) & 1)
+            dq_tok0 = warpgroup_mma(ds_bufs.index(2 * slot).permute((1, 0)), kd0, dq_init, use_acc=False,
+                                    is_async=True)
+            dq_tok0 = warpgroup_mma(ds_bufs.index(2 * slot + 1).permute((1, 0)), kd1, dq_tok0, is_async=True)
+            dv, dk, dq0, pt16, dst16 = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok0, pt16, dst16])
+        else:
+            ds_smem = ds_bufs.index(WG)
+            ds_smem.store(ds)
+            fence_async_shared()
+            _partition_barrier()
+            dq_tok0 = warpgroup_mma(ds_smem.permute((1, 0)), kd0, dq_init, use_acc=False, is_async=True)
+            dq_tok1 = warpgroup_mma(ds_smem.permute((1, 0)), kd1, dq_init, use_acc=False, is_async=True)
+            dv, dk, dq0, dq1, pt16, dst16 = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok0, dq_tok1, pt16,
+                                                                        dst16])
         mbarrier.arrive(empty.index(stage), count=1)
         prev_h, prev_row0 = _query_block(it, off_hk, group, per_head, q_lo)
     if n_iter > 0:
-        _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, prev_h, prev_row0, WG)
+        _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, prev_h, prev_row0, WG, SHARED_DQ)
 
     tma.store_wait(0)  # shared memory must outlive the last reduction's read of it
     _store_rows(DK, dk * scale, off_b, off_hk, key0, stride_dkb, stride_dkh, stride_dkn, n_keys, acc_layout, WG_N,
@@ -627,18 +657,25 @@ def _one_pass_consumer(k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_b
 
 
 @gluon.jit
-def _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, off_h, row0, WG: gl.constexpr):
-    """Add one tile's dQ (two [64, 32] column halves) into the fp32 buffer through this warp group's staging
-    buffers and two TMA reductions, which run on while the warp group goes on."""
+def _reduce_dq(dq_desc, dq_bufs, dq0, dq1, off_b, off_h, row0, WG: gl.constexpr, SHARED_DQ: gl.constexpr):
+    """Add this warp group's share of one tile's dQ into the fp32 buffer through its staging buffers and TMA
+    reductions, which run on while the warp group goes on: with ``SHARED_DQ`` its column half (dq0), else both
+    [64, 32] column halves over its keys (dq0, dq1)."""
     # The staging buffers' previous reductions must have read them.
     tma.store_wait(0)
     _partition_barrier()
-    dq_bufs.index(2 * WG).reshape([TILE_M, DQ_N]).store(dq0)
-    dq_bufs.index(2 * WG + 1).reshape([TILE_M, DQ_N]).store(dq1)
+    if SHARED_DQ:
+        dq_bufs.index(WG).reshape([TILE_M, DQ_N]).store(dq0)
+    else:
+        dq_bufs.index(2 * WG).reshape([TILE_M, DQ_N]).store(dq0)
+        dq_bufs.index(2 * WG + 1).reshape([TILE_M, DQ_N]).store(dq1)
     fence_async_shared()
     _partition_barrier()
-    _tma_reduce_add(dq_desc, [off_b, off_h, row0, 0], dq_bufs.index(2 * WG))
-    _tma_reduce_add(dq_desc, [off_b, off_h, row0, DQ_N], dq_bufs.index(2 * WG + 1))
+    if SHARED_DQ:
+        _tma_reduce_add(dq_desc, [off_b, off_h, row0, WG * DQ_N], dq_bufs.index(WG))
+    else:
+        _tma_reduce_add(dq_desc, [off_b, off_h, row0, 0], dq_bufs.index(2 * WG))
+        _tma_reduce_add(dq_desc, [off_b, off_h, row0, DQ_N], dq_bufs.index(2 * WG + 1))
 
 
 @gluon.jit
@@ -663,7 +700,8 @@ def _gluon_bwd_one_pass_kernel(q_desc, k_desc, v_desc, kd_desc, do_desc, dq_desc
                                stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads,
                                kv_heads, group, n_queries, n_keys, n_n_blocks, shift, right, qk_scale, scale,
                                HEAD_D: gl.constexpr, STAGES: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                               DS_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                               DS_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                               SHARED_DQ: gl.constexpr):
     SPLITS: gl.constexpr = HEAD_D // DQ_N
     off_b, off_hk, start_n, q_lo, full_lo, per_head = _kv_program(n_n_blocks, kv_heads, n_queries, shift, right,
                                                                   2 * WG_N, HAS_RIGHT)
@@ -673,20 +711,26 @@ def _gluon_bwd_one_pass_kernel(q_desc, k_desc, v_desc, kd_desc, do_desc, dq_desc
     stat_ring = gl.allocate_shared_memory(gl.float32, [2 * STAGES, TILE_M],
                                           gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
     kd_bufs = gl.allocate_shared_memory(kd_desc.dtype, [2 * SPLITS] + kd_desc.block_type.shape, kd_desc.layout)
-    ds_bufs = gl.allocate_shared_memory(kd_desc.dtype, [2, WG_N, TILE_M], DS_LAYOUT)
-    dq_bufs = gl.allocate_shared_memory(dq_desc.dtype, [2 * SPLITS] + dq_desc.block_type.shape, dq_desc.layout)
+    # Shared dQ: two slots of both consumers' dS^T tiles, one staging buffer per consumer, and an mbarrier per slot
+    # that both consumers arrive on once their tile is stored.  Else each consumer's own dS^T and two halves.
+    ds_bufs = gl.allocate_shared_memory(kd_desc.dtype, [4 if SHARED_DQ else 2, WG_N, TILE_M], DS_LAYOUT)
+    dq_bufs = gl.allocate_shared_memory(dq_desc.dtype, [2 if SHARED_DQ else 2 * SPLITS] + dq_desc.block_type.shape,
+                                        dq_desc.layout)
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for slot in gl.static_range(2):
+        mbarrier.init(ds_ready.index(slot), count=2)
 
     gl.warp_specialize([
-        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar,
-                              ready, empty, LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n, stride_dkb,
-                              stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries,
-                              n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES,
-                              HAS_RIGHT, 0)),
-        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, kv_bar,
-                              ready, empty, LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n + WG_N, stride_dkb,
-                              stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group, n_queries,
-                              n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D, STAGES,
-                              HAS_RIGHT, 1)),
+        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, ds_ready,
+                              kv_bar, ready, empty, LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n,
+                              stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group,
+                              n_queries, n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D,
+                              STAGES, HAS_RIGHT, 0, SHARED_DQ)),
+        (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, ds_ready,
+                              kv_bar, ready, empty, LseUnits, Delta, DK, DV, dq_desc, off_b, off_hk, start_n + WG_N,
+                              stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, n_heads, group,
+                              n_queries, n_keys, shift, right, qk_scale, scale, q_lo, full_lo, per_head, HEAD_D,
+                              STAGES, HAS_RIGHT, 1, SHARED_DQ)),
         (_one_pass_producer, (q_desc, k_desc, v_desc, kd_desc, do_desc, k_bufs, v_bufs, kd_bufs, q_ring, do_ring,
                               stat_ring, kv_bar, ready, empty, LseUnits, Delta, off_b, off_hk, start_n, group, q_lo,
                               per_head, n_heads, n_queries, HEAD_D, STAGES)),
@@ -701,15 +745,18 @@ def _ds_layout(dtype):
 
 
 def gluon_backward_one_pass(q, k, v, grad_out, lse_units, delta, dk, dv, dq_acc, scale: float, causal_right: int,
-                         shift: int, stages: int = 2) -> None:
+                         shift: int, stages: int = 2, shared_dq: bool | None = None) -> None:
     """dK/dV as ``gluon_backward_kv`` plus dq_acc += dS K (unscaled) for the same operands; dq_acc is a contiguous
-    fp32 [B, H, M, D] buffer the caller zeroes first and scales afterwards.  Head dims in ``ONE_PASS_HEAD_DIMS``."""
+    fp32 [B, H, M, D] buffer the caller zeroes first and scales afterwards.  Head dims in ``ONE_PASS_HEAD_DIMS``.
+    ``shared_dq``: the consumers share their dS^T tiles (default: causal calls while ``ONE_PASS_SHARED_DQ_CAUSAL``)."""
     batch, heads, n_queries, head_d = q.shape
     if head_d not in ONE_PASS_HEAD_DIMS:
         raise ValueError(f"the one-pass backward is built for head dims {ONE_PASS_HEAD_DIMS}, not {head_d}")
     kv_heads, n_keys = k.shape[1], k.shape[2]
     n_n_blocks = triton.cdiv(n_keys, 2 * KEYS_PER_CONSUMER)
     has_right = causal_right >= 0
+    if shared_dq is None:
+        shared_dq = has_right and ONE_PASS_SHARED_DQ_CAUSAL
     regs, maxnreg = REGISTERS[2]
     _gluon_bwd_one_pass_kernel[(n_n_blocks * batch * kv_heads,)](
         _descriptor(q, QUERY_BLOCK), _descriptor(k, KEYS_PER_CONSUMER), _descriptor(v, KEYS_PER_CONSUMER),
@@ -718,4 +765,5 @@ def gluon_backward_one_pass(q, k, v, grad_out, lse_units, delta, dk, dv, dq_acc,
         dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), heads, kv_heads, heads // kv_heads, n_queries,
         n_keys, n_n_blocks, shift if has_right else 0, causal_right if has_right else 0, scale * LOG2E, scale,
         HEAD_D=head_d, STAGES=stages, HAS_RIGHT=has_right, DS_LAYOUT=_ds_layout(q.dtype),
-        CONSUMER_REGS=regs, PRODUCER_REGS=24, num_warps=4, maxnreg=maxnreg, **FP_FUSION)
+        CONSUMER_REGS=regs, PRODUCER_REGS=24, SHARED_DQ=shared_dq,
+        num_warps=4, maxnreg=maxnreg, **FP_FUSION)

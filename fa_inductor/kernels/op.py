@@ -371,9 +371,10 @@ def _hopper_backward_fn(grad_out: Tensor, query: Tensor, key: Tensor, value: Ten
 
 
 def _one_pass_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, dv, scale, spec, right,
-                       bottom_right, stages: int = 2) -> None:
+                       bottom_right, stages: int = 2, shared_dq: Optional[bool] = None) -> None:
     """The preprocess, then ``gluon_backward_one_pass`` (dK, dV, and dQ summed into an fp32 buffer; ``stages``:
-    its ring depth), then dQ scaled into ``dq`` (``scale_rows``)."""
+    its ring depth, ``shared_dq``: whether its consumers share dS^T, default by mask), then dQ scaled into ``dq``
+    (``scale_rows``)."""
     from .gluon_bwd import gluon_backward_one_pass
 
     shift = _shift(query, key, bottom_right)
@@ -381,7 +382,7 @@ def _one_pass_backward(grad_out, query, key, value, out, lse, grad_lse, dq, dk, 
 
     def one_pass(lse_units, delta):
         gluon_backward_one_pass(query, key, value, grad_out, lse_units, delta, dk, dv, dq_sum, scale, right, shift,
-                                stages=stages)
+                                stages=stages, shared_dq=shared_dq)
 
     def scale_dq(lse_units, delta):
         scale_rows(dq_sum, dq, scale)

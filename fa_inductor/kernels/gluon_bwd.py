@@ -712,13 +712,17 @@ def _gluon_bwd_one_pass_kernel(q_desc, k_desc, v_desc, kd_desc, do_desc, dq_desc
                                           gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
     kd_bufs = gl.allocate_shared_memory(kd_desc.dtype, [2 * SPLITS] + kd_desc.block_type.shape, kd_desc.layout)
     # Shared dQ: two slots of both consumers' dS^T tiles, one staging buffer per consumer, and an mbarrier per slot
-    # that both consumers arrive on once their tile is stored.  Else each consumer's own dS^T and two halves.
+    # that both consumers arrive on once their tile is stored.  Else each consumer's own dS^T and two halves, and
+    # no such mbarriers (``ds_ready`` is then a placeholder the consumers never touch).
     ds_bufs = gl.allocate_shared_memory(kd_desc.dtype, [4 if SHARED_DQ else 2, WG_N, TILE_M], DS_LAYOUT)
     dq_bufs = gl.allocate_shared_memory(dq_desc.dtype, [2 if SHARED_DQ else 2 * SPLITS] + dq_desc.block_type.shape,
                                         dq_desc.layout)
-    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for slot in gl.static_range(2):
-        mbarrier.init(ds_ready.index(slot), count=2)
+    if SHARED_DQ:
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(2):
+            mbarrier.init(ds_ready.index(slot), count=2)
+    else:
+        ds_ready = ready
 
     gl.warp_specialize([
         (_one_pass_consumer, (k_bufs, v_bufs, kd_bufs, q_ring, do_ring, stat_ring, ds_bufs, dq_bufs, ds_ready,

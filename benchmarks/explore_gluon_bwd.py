@@ -28,30 +28,28 @@ from fa_inductor.kernels.gluon_bwd import gluon_backward_kv, gluon_backward_q
 from fa_inductor.kernels.masking import MaskSpec
 
 
-def one_head_at_a_time(fn):
-    """``fn`` with every launch's programs ordered one head at a time (``common.head_group`` capped at 1): the
-    order before heads were interleaved under a causal mask."""
+def with_setting(module, name, value, fn):
+    """``fn`` run with ``module.<name>`` set to ``value`` (restored afterwards)."""
     def run():
-        saved = common.MAX_HEAD_GROUP
-        common.MAX_HEAD_GROUP = 1
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             fn()
         finally:
-            common.MAX_HEAD_GROUP = saved
+            setattr(module, name, saved)
     return run
+
+
+def one_head_at_a_time(fn):
+    """``fn`` with every launch's programs ordered one head at a time (``common.head_group`` capped at 1): the
+    order before heads were interleaved under a causal mask."""
+    return with_setting(common, "MAX_HEAD_GROUP", 1, fn)
 
 
 def private_dq(fn):
     """``fn`` with the one-pass consumers each adding both dQ column halves over their own keys under a causal mask
     too (``gluon_bwd.ONE_PASS_SHARED_DQ_CAUSAL`` off): the kernel before the consumers shared their dS^T tiles."""
-    def run():
-        saved = gluon_bwd.ONE_PASS_SHARED_DQ_CAUSAL
-        gluon_bwd.ONE_PASS_SHARED_DQ_CAUSAL = False
-        try:
-            fn()
-        finally:
-            gluon_bwd.ONE_PASS_SHARED_DQ_CAUSAL = saved
-    return run
+    return with_setting(gluon_bwd, "ONE_PASS_SHARED_DQ_CAUSAL", False, fn)
 
 
 def variants(q, k, v, do, out, lse, scale, causal, args):

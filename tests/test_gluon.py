@@ -31,6 +31,19 @@ def _counters():
     return counters["fa_inductor"]
 
 
+def _captured_launches(monkeypatch, module, kernel_name: str) -> list:
+    """Replace ``module.<kernel_name>`` by a stand-in whose launches record their keyword arguments (the
+    constexprs a launcher chose) into the returned list, so that routing tests run on the host."""
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(module, kernel_name, Kernel())
+    return launches
+
+
 # --- host side ---------------------------------------------------------------------------------------------
 
 @needs_gluon
@@ -72,13 +85,7 @@ def test_forward_takes_turns_only_where_it_was_measured_faster(head_d, causal, n
     """The launcher's default ``pingpong`` (consumers issuing MMAs in turns): causal calls within
     ``PINGPONG_CAUSAL_MAX_KEYS`` only, the measured range (``benchmarks/reference``, "fourteenth pass").  The
     launch is captured on the host, so this runs without a GPU."""
-    launches = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(kwargs)
-
-    monkeypatch.setattr(gluon_fwd, "_gluon_fwd_kernel", Kernel())
+    launches = _captured_launches(monkeypatch, gluon_fwd, "_gluon_fwd_kernel")
     monkeypatch.setattr(gluon_fwd, "sm_count", lambda device: 132)
     q = torch.empty(2, 8, 1024, head_d, dtype=torch.bfloat16)
     k = torch.empty(2, 8, n_keys, head_d, dtype=torch.bfloat16)
@@ -174,13 +181,7 @@ def test_one_pass_consumers_share_ds_only_under_a_causal_mask(right, shared, mon
     GPU."""
     from fa_inductor.kernels import gluon_bwd
 
-    launches = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(kwargs)
-
-    monkeypatch.setattr(gluon_bwd, "_gluon_bwd_one_pass_kernel", Kernel())
+    launches = _captured_launches(monkeypatch, gluon_bwd, "_gluon_bwd_one_pass_kernel")
     q = torch.empty(1, 4, 256, 64, dtype=torch.bfloat16)
     k = torch.empty(1, 2, 256, 64, dtype=torch.bfloat16)
     stats = torch.empty(1, 4, 256)
